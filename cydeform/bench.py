@@ -1,0 +1,218 @@
+"""Benchmark: ``python -m cydeform.bench [--repeat R] [--threads T ...] [--dtype ...] [--no-torch]``.
+
+Times the CPU backend's forward and backward (median of repeated runs) on the
+Deformable DETR shapes of msda.md section 4, prints GB/s (a cost model: each sample
+gathers 4 corners x D channels) beside the thread count and dtype, and, when PyTorch is
+importable, times the grid_sample reference at the same thread count and prints the
+ratio. PyTorch is never a dependency. With a GPU and CuPy present it then runs the GPU
+benchmark (cydeform.bench_gpu).
+
+Calls:
+- encoder: N=1, Lq = S = 22223, levels 100x167, 50x84, 25x42, 13x21, M=8, D=32, L=4, P=4
+- decoder: the same with Lq = 300
+Location distributions:
+- uniform: uniform in [0, 1] (no locality)
+- local: pixel centres of the reference pixel plus offsets of a few pixels (what a
+  trained encoder does)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+import cydeform
+
+LEVELS = np.array([[100, 167], [50, 84], [25, 42], [13, 21]], dtype=np.int64)
+M, D, P = 8, 32, 4
+
+
+def make_problem(N=1, Lq=None, distribution="uniform", dtype=np.float32, seed=0, levels=LEVELS):
+    """Random inputs of the benchmark call.
+
+    Returns (value (N, S, M, D), spatial_shapes (L, 2), level_start_index (L,),
+    sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P)).
+    ``Lq=None`` means one query per pixel (the encoder call).
+    """
+    rng = np.random.default_rng(seed)
+    H, W = levels[:, 0], levels[:, 1]
+    S = int((H * W).sum())
+    L = len(levels)
+    Lq = S if Lq is None else Lq
+    value = rng.standard_normal((N, S, M, D), dtype=np.float32).astype(dtype)
+    if distribution == "uniform":
+        loc = rng.random((N, Lq, M, L, P, 2), dtype=np.float32)
+    elif distribution == "local":
+        # Reference pixel: query q's own pixel centre (encoder) or a random point;
+        # offsets of a few pixels on each level, like trained sampling_offsets.
+        ref = _pixel_centres(levels)[np.arange(Lq) % S] if Lq == S else rng.random((Lq, 2), dtype=np.float32)
+        px = rng.normal(0.0, 2.0, (N, Lq, M, L, P, 2)).astype(np.float32)
+        loc = ref[None, :, None, None, None, :] + px / np.stack([W, H], axis=1)[None, None, None, :, None, :]
+    else:
+        raise ValueError(f"distribution must be 'uniform' or 'local'; got {distribution!r}")
+    logits = rng.standard_normal((N, Lq, M, L * P), dtype=np.float32)
+    attn = np.exp(logits)
+    attn /= attn.sum(-1, keepdims=True)
+    attn = attn.reshape(N, Lq, M, L, P)
+    starts = np.concatenate(([0], np.cumsum(H * W)[:-1])).astype(np.int64)
+    return value, levels.copy(), starts, loc.astype(dtype), attn.astype(dtype)
+
+
+def _pixel_centres(levels):
+    """(S, 2) normalised (x, y) pixel centres of all levels, in the flattened order."""
+    pts = []
+    for h, w in levels:
+        ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+        pts.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
+    return np.concatenate(pts).astype(np.float32)
+
+
+def traffic_bytes(N, Lq, dtype, backward=False):
+    """Bytes the op touches by the cost model: 4 corner gathers of D channels per sample
+    plus locations, weights and output once (backward: also grad_output read, corner
+    scatters into grad_value, location and weight gradients written)."""
+    item = np.dtype(dtype).itemsize
+    L = len(LEVELS)
+    samples = N * Lq * M * L * P
+    gathers = samples * 4 * D * item
+    once = samples * 3 * item + N * Lq * M * D * item
+    if backward:
+        return 2 * gathers + once + samples * 3 * item
+    return gathers + once
+
+
+def median_time(fn, repeat, min_time=0.0):
+    fn()  # warm-up (page faults, caches)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_reference():
+    """The PyTorch grid_sample reference (Deformable DETR's ms_deform_attn_core_pytorch), or None."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+
+    def forward(value, shapes, sampling_locations, attention_weights):
+        N, S, M_, D_ = value.shape
+        _, Lq, _, L, P_, _ = sampling_locations.shape
+        value_list = value.split([int(h) * int(w) for h, w in shapes], dim=1)
+        grids = 2 * sampling_locations - 1
+        samples = []
+        for lid, (h, w) in enumerate(shapes):
+            v = value_list[lid].flatten(2).transpose(1, 2).reshape(N * M_, D_, int(h), int(w))
+            g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
+            samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+        a = attention_weights.transpose(1, 2).reshape(N * M_, 1, Lq, L * P_)
+        out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(N, M_ * D_, Lq)
+        return out.transpose(1, 2).contiguous()
+
+    return torch, forward
+
+
+def run_cpu(args):
+    ref = None if args.no_torch else torch_reference()
+    print(f"# cydeform {cydeform.__version__} CPU benchmark: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} logical cores, numpy {np.__version__}"
+          + (f", torch {ref[0].__version__}" if ref else ", torch not importable (no ratio)"))
+    print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()")
+    header = "| call | locations | dtype | threads | pass | cydeform ms | GB/s | torch ms | speed-up |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    single = {}
+    for call, Lq in (("encoder", None), ("decoder", 300)):
+        for dist in args.distributions:
+            for dtype in args.dtype:
+                value, shapes, starts, loc, attn = make_problem(1, Lq, dist, np.dtype(dtype))
+                Lq_ = loc.shape[1]
+                grad = np.random.default_rng(1).standard_normal((1, Lq_, M * D)).astype(dtype)
+                for threads in args.threads:
+                    cydeform.set_num_threads(threads)
+                    t_f = median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), args.repeat, 0.5)
+                    t_b = median_time(lambda: cydeform.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn),
+                                      args.repeat, 0.5)
+                    tt_f = tt_b = None
+                    if ref is not None:
+                        tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)
+                    for name, t, tt, bwd in (("forward", t_f, tt_f, False), ("backward", t_b, tt_b, True)):
+                        gbs = traffic_bytes(1, Lq_, dtype, bwd) / t / 1e9
+                        key = (call, dist, dtype, name)
+                        if threads == 1:
+                            single[key] = t
+                        extra = f" ({single[key] / t:.2f}x 1 thread)" if threads > 1 and key in single else ""
+                        torch_ms = f"{tt * 1e3:.1f}" if tt else "-"
+                        ratio = f"{tt / t:.1f}x" if tt else "-"
+                        print(f"| {call} | {dist} | {dtype} | {threads} | {name} | {t * 1e3:.2f}{extra} | {gbs:.1f} "
+                              f"| {torch_ms} | {ratio} |", flush=True)
+
+
+def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat):
+    torch, fwd = ref
+    torch.set_num_threads(threads)
+    v = torch.from_numpy(value).requires_grad_(True)
+    lo = torch.from_numpy(loc).requires_grad_(True)
+    a = torch.from_numpy(attn).requires_grad_(True)
+    g = torch.from_numpy(grad)
+    shp = [tuple(int(x) for x in row) for row in shapes]
+
+    def forward():
+        with torch.no_grad():
+            fwd(v, shp, lo, a)
+
+    def backward():
+        out = fwd(v, shp, lo, a)
+        torch.autograd.grad(out, (v, lo, a), g)
+
+    t_f = median_time(forward, max(3, repeat // 3))
+    # The backward pass alone: autograd's time minus a forward with graph recording.
+    t_fb = median_time(backward, max(3, repeat // 3))
+
+    def forward_graph():
+        fwd(v, shp, lo, a)
+
+    t_fg = median_time(forward_graph, max(3, repeat // 3))
+    return t_f, max(t_fb - t_fg, 1e-9)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="thread counts (default: 1 and the OpenMP maximum)")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
+    parser.add_argument("--distributions", nargs="+", default=["uniform", "local"], choices=["uniform", "local"])
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU benchmark even if a GPU is present")
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        maximum = cydeform.get_num_threads()
+        args.threads = sorted({1, maximum})
+    run_cpu(args)
+    if not args.cpu_only and _gpu_available():
+        from . import bench_gpu
+
+        bench_gpu.main([])
+
+
+def _gpu_available():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    main()

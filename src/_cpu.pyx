@@ -1,0 +1,304 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Cython CPU backend of cydeform: MSDA forward and hand-derived backward.
+
+Called by cydeform.functional after validation, with C-contiguous arrays:
+value (N, S, M, D), spatial_shapes (L, 2) int64, level_start_index (L,) int64,
+sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P),
+grad_output (N, Lq, M*D).
+
+Parallel layout (OpenMP through prange; without OpenMP the loops run serially and
+give identical numbers):
+- forward: one task per output row (n, q, m); rows are disjoint.
+- backward: one task per (n, range of heads). A task owns grad_value[n, :, m_lo:m_hi, :]
+  and walks the queries in order, so every element of grad_value is summed in the same
+  order for any thread count (bit-identical results), and no two threads write one
+  element.
+"""
+import numpy as np
+
+from cython.parallel cimport prange
+from libc.math cimport floor, isfinite, NAN
+from libc.string cimport memset
+from libc.stdint cimport int64_t
+
+ctypedef fused floating:
+    float
+    double
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int cyd_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int cyd_max_threads(void) { return 1; }
+    #endif
+    """
+    int cyd_max_threads() noexcept nogil
+
+cdef extern from "msda_inner.h":
+    void cyd_gather4_f(float* out, const float* v0, const float* v1, const float* v2, const float* v3,
+                       float w0, float w1, float w2, float w3, ptrdiff_t D) noexcept nogil
+    void cyd_gather4_d(double* out, const double* v0, const double* v1, const double* v2, const double* v3,
+                       double w0, double w1, double w2, double w3, ptrdiff_t D) noexcept nogil
+    void cyd_sample_backward_f(const float* g, const float* v0, const float* v1, const float* v2,
+                               const float* v3, float* gv0, float* gv1, float* gv2, float* gv3,
+                               float aw0, float aw1, float aw2, float aw3, ptrdiff_t D,
+                               double* dots) noexcept nogil
+    void cyd_sample_backward_d(const double* g, const double* v0, const double* v1, const double* v2,
+                               const double* v3, double* gv0, double* gv1, double* gv2, double* gv3,
+                               double aw0, double aw1, double aw2, double aw3, ptrdiff_t D,
+                               double* dots) noexcept nogil
+
+# 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
+cdef int _num_threads = 0
+
+
+def set_num_threads(int n):
+    global _num_threads
+    _num_threads = n
+
+
+def get_num_threads():
+    return _num_threads if _num_threads > 0 else cyd_max_threads()
+
+
+cdef inline int _threads() noexcept nogil:
+    return _num_threads if _num_threads > 0 else cyd_max_threads()
+
+
+# Geometry of one sampling point on one level: the four corner offsets into the level
+# (in units of M*D elements, -1 when the corner is outside the map) and the bilinear
+# fractions. Returns 0 if the point touches no texel, 1 if it does, -1 if its location
+# is not finite. The range check happens in floating point, before any int conversion.
+cdef inline int _corners(double loc_x, double loc_y, int64_t H, int64_t W,
+                         int64_t* idx, double* lx, double* ly) noexcept nogil:
+    if not (isfinite(loc_x) and isfinite(loc_y)):
+        return -1
+    cdef double x = loc_x * W - 0.5
+    cdef double y = loc_y * H - 0.5
+    if not (x > -1.0 and x < W and y > -1.0 and y < H):
+        return 0
+    cdef double x0f = floor(x)
+    cdef double y0f = floor(y)
+    cdef int64_t x0 = <int64_t>x0f
+    cdef int64_t y0 = <int64_t>y0f
+    lx[0] = x - x0f
+    ly[0] = y - y0f
+    cdef bint in_y0 = y0 >= 0
+    cdef bint in_y1 = y0 + 1 < H
+    cdef bint in_x0 = x0 >= 0
+    cdef bint in_x1 = x0 + 1 < W
+    idx[0] = y0 * W + x0 if (in_y0 and in_x0) else -1
+    idx[1] = y0 * W + x0 + 1 if (in_y0 and in_x1) else -1
+    idx[2] = (y0 + 1) * W + x0 if (in_y1 and in_x0) else -1
+    idx[3] = (y0 + 1) * W + x0 + 1 if (in_y1 and in_x1) else -1
+    return 1
+
+
+cdef inline void _forward_row(const floating* value_nm, const floating* zeros, int64_t row_stride,
+                              const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
+                              Py_ssize_t D, const floating* loc, const floating* attn,
+                              floating* out) noexcept nogil:
+    """out (D,) = sum_{l,p} attn[l,p] * bilinear sample of level l at loc[l,p] (one (n, q, m) row)."""
+    cdef Py_ssize_t l, p, d, c
+    cdef int64_t idx[4]
+    cdef double lx, ly, a
+    cdef floating w[4]
+    cdef const floating* v[4]
+    cdef bint nonfinite = False
+    cdef int status
+    for d in range(D):
+        out[d] = 0
+    for l in range(L):
+        for p in range(P):
+            status = _corners(loc[2 * (l * P + p)], loc[2 * (l * P + p) + 1],
+                              shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
+            if status < 0:
+                nonfinite = True
+                continue
+            if status == 0:
+                continue
+            a = attn[l * P + p]
+            w[0] = <floating>(a * ((1.0 - ly) * (1.0 - lx)))
+            w[1] = <floating>(a * ((1.0 - ly) * lx))
+            w[2] = <floating>(a * (ly * (1.0 - lx)))
+            w[3] = <floating>(a * (ly * lx))
+            for c in range(4):
+                # Corners outside the map read a zero row with weight 0: exact zero.
+                if idx[c] >= 0:
+                    v[c] = value_nm + (starts[l] + idx[c]) * row_stride
+                else:
+                    v[c] = zeros
+                    w[c] = 0
+            if floating is float:
+                cyd_gather4_f(out, v[0], v[1], v[2], v[3], w[0], w[1], w[2], w[3], D)
+            else:
+                cyd_gather4_d(out, v[0], v[1], v[2], v[3], w[0], w[1], w[2], w[3], D)
+    if nonfinite:
+        for d in range(D):
+            out[d] = NAN
+
+
+cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* starts,
+                   const floating* loc, const floating* attn, floating* out, const floating* zeros,
+                   Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq,
+                   Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+    cdef Py_ssize_t r, n, m
+    for r in prange(N * Lq * M, schedule="static", num_threads=_threads()):
+        n = r // (Lq * M)
+        m = r % M
+        _forward_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D,
+                     loc + r * L * P * 2, attn + r * L * P, out + r * D)
+
+
+def forward(value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
+            sampling_locations, attention_weights):
+    """Forward on validated C-contiguous arrays; returns (N, Lq, M*D) of value's dtype."""
+    N, S, M, D = value.shape
+    Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    out = np.empty((N, Lq, M * D), dtype=value.dtype)
+    zeros = np.zeros(D, dtype=value.dtype)
+    if value.dtype == np.float32:
+        _forward_typed[float](value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, out, zeros)
+    else:
+        _forward_typed[double](value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights, out, zeros)
+    return out
+
+
+cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] shapes,
+                    const int64_t[::1] starts, const floating[:, :, :, :, :, ::1] loc,
+                    const floating[:, :, :, :, ::1] attn, floating[:, :, ::1] out,
+                    const floating[::1] zeros):
+    cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
+    cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
+    with nogil:
+        _forward(&value[0, 0, 0, 0], &shapes[0, 0], &starts[0], &loc[0, 0, 0, 0, 0, 0],
+                 &attn[0, 0, 0, 0, 0], &out[0, 0, 0], &zeros[0], N, S, M, D, Lq, L, P)
+
+
+# Backward of one sampling point: four dot products g . V_c give every scalar gradient,
+#   dA = sum_c w_c (g . V_c)
+#   dx = hy (g.V01 - g.V00) + ly (g.V11 - g.V10),   dloc_x = W * A * dx
+#   dy = hx (g.V10 - g.V00) + lx (g.V11 - g.V01),   dloc_y = H * A * dy
+# and grad_value[c] += A * w_c * g for the corners inside the map.
+cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm, const floating* zeros,
+                               floating* scratch, int64_t row_stride, const int64_t* shapes,
+                               const int64_t* starts, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
+                               const floating* g, const floating* loc, const floating* attn,
+                               floating* grad_loc, floating* grad_attn) noexcept nogil:
+    """Gradients of one (n, q, m) row; accumulates into grad_value_nm (owned by the caller's task).
+
+    ``scratch`` is 4 rows of D owned by the task: corners outside the map scatter there
+    (weight 0), so the inner loop needs no branch.
+    """
+    cdef Py_ssize_t l, p, c, k
+    cdef int64_t idx[4]
+    cdef double lx, ly, hx, hy, a, H, W
+    cdef double dots[4]
+    cdef double w[4]
+    cdef floating aw[4]
+    cdef const floating* v[4]
+    cdef floating* gv[4]
+    cdef int status
+    for l in range(L):
+        H = <double>shapes[2 * l]
+        W = <double>shapes[2 * l + 1]
+        for p in range(P):
+            k = l * P + p
+            status = _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
+            if status < 0:
+                grad_attn[k] = NAN
+                grad_loc[2 * k] = NAN
+                grad_loc[2 * k + 1] = NAN
+                continue
+            if status == 0:
+                grad_attn[k] = 0
+                grad_loc[2 * k] = 0
+                grad_loc[2 * k + 1] = 0
+                continue
+            hx = 1.0 - lx
+            hy = 1.0 - ly
+            w[0] = hy * hx
+            w[1] = hy * lx
+            w[2] = ly * hx
+            w[3] = ly * lx
+            a = attn[k]
+            for c in range(4):
+                if idx[c] >= 0:
+                    v[c] = value_nm + (starts[l] + idx[c]) * row_stride
+                    gv[c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
+                    aw[c] = <floating>(a * w[c])
+                else:
+                    v[c] = zeros
+                    gv[c] = scratch + c * D
+                    aw[c] = 0
+            if floating is float:
+                cyd_sample_backward_f(g, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3],
+                                      aw[0], aw[1], aw[2], aw[3], D, dots)
+            else:
+                cyd_sample_backward_d(g, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3],
+                                      aw[0], aw[1], aw[2], aw[3], D, dots)
+            grad_attn[k] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
+            grad_loc[2 * k] = <floating>(W * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
+            grad_loc[2 * k + 1] = <floating>(H * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
+
+
+cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
+                    const int64_t* starts, const floating* loc, const floating* attn,
+                    floating* grad_value, floating* grad_loc, floating* grad_attn, const floating* zeros,
+                    floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
+                    Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+    cdef Py_ssize_t t, n, m, q, r, m_lo, m_hi
+    cdef int threads = _threads()
+    # A task is (n, a contiguous range of heads). It owns grad_value[n, :, m_lo:m_hi, :]
+    # and walks queries in order, heads inner, so its reads of the per-row inputs are
+    # contiguous runs. Each grad_value element is summed by one task over q ascending
+    # (then l, p, corner): the same order for any grouping, hence any thread count.
+    cdef Py_ssize_t groups = min(M, max(1, (2 * threads + N - 1) // N))
+    for t in prange(N * groups, schedule="static", num_threads=threads):
+        n = t // groups
+        m_lo = (t % groups) * M // groups
+        m_hi = (t % groups + 1) * M // groups
+        for q in range(Lq):
+            for m in range(m_lo, m_hi):
+                r = (n * Lq + q) * M + m
+                _backward_row(value + n * S * M * D + m * D, grad_value + n * S * M * D + m * D, zeros,
+                              scratch + t * 4 * D, M * D, shapes, starts, L, P, D, grad_out + r * D,
+                              loc + r * L * P * 2, attn + r * L * P,
+                              grad_loc + r * L * P * 2, grad_attn + r * L * P)
+
+
+def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
+             sampling_locations, attention_weights):
+    """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn)."""
+    grad_value = np.zeros(value.shape, dtype=value.dtype)
+    grad_loc = np.empty(sampling_locations.shape, dtype=value.dtype)
+    grad_attn = np.empty(attention_weights.shape, dtype=value.dtype)
+    zeros = np.zeros(value.shape[3], dtype=value.dtype)
+    # Up to N * M tasks, each with 4 rows where corners outside the map scatter.
+    scratch = np.empty((value.shape[0] * value.shape[2], 4, value.shape[3]), dtype=value.dtype)
+    if value.dtype == np.float32:
+        _backward_typed[float](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights, grad_value, grad_loc, grad_attn, zeros, scratch)
+    else:
+        _backward_typed[double](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                attention_weights, grad_value, grad_loc, grad_attn, zeros, scratch)
+    return grad_value, grad_loc, grad_attn
+
+
+cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :, ::1] value,
+                     const int64_t[:, ::1] shapes, const int64_t[::1] starts,
+                     const floating[:, :, :, :, :, ::1] loc, const floating[:, :, :, :, ::1] attn,
+                     floating[:, :, :, ::1] grad_value, floating[:, :, :, :, :, ::1] grad_loc,
+                     floating[:, :, :, :, ::1] grad_attn, const floating[::1] zeros,
+                     floating[:, :, ::1] scratch):
+    cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
+    cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
+    with nogil:
+        _backward(&grad_out[0, 0, 0], &value[0, 0, 0, 0], &shapes[0, 0], &starts[0],
+                  &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0],
+                  &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
+                  &scratch[0, 0, 0], N, S, M, D, Lq, L, P)

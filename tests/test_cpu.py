@@ -1,0 +1,202 @@
+"""The Cython CPU backend against the float64 oracle, finite differences, and its own
+invariants (linearity, thread-count independence, non-finite semantics, input safety)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import cydeform
+from cydeform.reference import ms_deform_attn_backward_reference, ms_deform_attn_reference
+
+from strategies import args, grad_output_for, problems
+
+# Forward: float32 keeps ~7 digits over sums of a few dozen terms.
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    tol = TOL[dtype]
+    np.testing.assert_allclose(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(data=st.data())
+def test_forward_matches_oracle(dtype, data):
+    problem = data.draw(problems(dtype=dtype))
+    out = cydeform.ms_deform_attn(*args(problem))
+    assert out.dtype == dtype
+    assert out.shape == (problem["value"].shape[0], problem["sampling_locations"].shape[1],
+                         problem["value"].shape[2] * problem["value"].shape[3])
+    assert_close(out, ms_deform_attn_reference(*args(problem)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(data=st.data())
+def test_backward_matches_oracle(dtype, data):
+    # float32 coordinates can land on the other side of a pixel boundary than their
+    # float64 copies, where the location gradient jumps: keep float32 points off kinks.
+    margin = 1e-3 if dtype == np.float32 else None
+    problem = data.draw(problems(dtype=dtype, kink_margin=margin))
+    g = grad_output_for(problem)
+    got = cydeform.ms_deform_attn_backward(g, *args(problem))
+    expected = ms_deform_attn_backward_reference(g, *args(problem))
+    for name, a, e, src in zip(("value", "locations", "weights"), got, expected,
+                               (problem["value"], problem["sampling_locations"], problem["attention_weights"])):
+        assert a.dtype == dtype and a.shape == src.shape, name
+        # Location gradients carry a factor W or H (up to 6 here).
+        assert_close(a, e, dtype, scale=10.0 if name == "locations" else 1.0)
+
+
+@given(problems(kink_margin=0.05))
+def test_gradients_match_central_finite_differences(problem):
+    """Every entry of every gradient, in float64, through the Cython forward."""
+    value, shapes, starts, loc, attn = args(problem)
+    g = grad_output_for(problem).astype(np.float64)
+    grads = cydeform.ms_deform_attn_backward(g, value, shapes, starts, loc, attn)
+
+    def loss(v, lo, a):
+        return float((cydeform.ms_deform_attn(v, shapes, starts, lo, a) * g).sum())
+
+    inputs = [value, loc, attn]
+    # eps in normalised units: 1e-7 moves a point < 1e-6 px, far inside the 0.05 px margin.
+    for which, eps in ((0, 1e-6), (1, 1e-7), (2, 1e-6)):
+        numeric = np.empty_like(inputs[which])
+        flat = numeric.reshape(-1)
+        base = inputs[which]
+        for i in range(base.size):
+            plus, minus = base.copy(), base.copy()
+            plus.reshape(-1)[i] += eps
+            minus.reshape(-1)[i] -= eps
+            hi = list(inputs)
+            lo = list(inputs)
+            hi[which], lo[which] = plus, minus
+            flat[i] = (loss(*hi) - loss(*lo)) / (2 * eps)
+        np.testing.assert_allclose(grads[which], numeric, rtol=1e-5, atol=1e-6)
+
+
+@given(problems(), st.floats(-3, 3), st.floats(-3, 3))
+def test_output_is_linear_in_value_and_in_attention_weights(problem, a, b):
+    value, shapes, starts, loc, attn = args(problem)
+    rng = np.random.default_rng(1)
+    v2 = rng.standard_normal(value.shape)
+    w2 = rng.uniform(0, 1, attn.shape)
+    f = cydeform.ms_deform_attn
+    np.testing.assert_allclose(f(a * value + b * v2, shapes, starts, loc, attn),
+                               a * f(value, shapes, starts, loc, attn) + b * f(v2, shapes, starts, loc, attn),
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(f(value, shapes, starts, loc, a * attn + b * w2),
+                               a * f(value, shapes, starts, loc, attn) + b * f(value, shapes, starts, loc, w2),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def restore_threads():
+    before = cydeform.get_num_threads()
+    yield
+    cydeform.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only restores state
+@given(data=st.data())
+def test_results_are_bit_identical_for_any_thread_count(restore_threads, dtype, data):
+    problem = data.draw(problems(dtype=dtype, max_batch=3))
+    g = grad_output_for(problem)
+    results = []
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        results.append((cydeform.ms_deform_attn(*args(problem)),
+                        *cydeform.ms_deform_attn_backward(g, *args(problem))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b, equal_nan=True)
+            assert a.tobytes() == b.tobytes()
+
+
+def test_thread_count_is_settable_and_validated(restore_threads):
+    cydeform.set_num_threads(1)
+    assert cydeform.get_num_threads() == 1
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            cydeform.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(data=st.data())
+def test_nonfinite_and_huge_locations_follow_the_oracle(dtype, data):
+    """NaN/inf locations poison their (n, q, m) row; 1e30 is merely out of range."""
+    problem = data.draw(problems(dtype=dtype, nonfinite=True))
+    out = cydeform.ms_deform_attn(*args(problem))
+    expected = ms_deform_attn_reference(*args(problem))
+    assert np.array_equal(np.isnan(out), np.isnan(expected))
+    assert_close(out, expected, dtype)
+    loc = problem["sampling_locations"]
+    bad_rows = ~np.isfinite(loc).all(axis=(3, 4, 5))
+    assert np.isnan(out.reshape(bad_rows.shape + (-1,))[bad_rows]).all()
+    g = grad_output_for(problem)
+    got = cydeform.ms_deform_attn_backward(g, *args(problem))
+    ref = ms_deform_attn_backward_reference(g, *args(problem))
+    assert np.isfinite(got[0]).all(), "a non-finite location must not reach grad_value"
+    bad_points = ~np.isfinite(loc).all(axis=-1)
+    assert np.isnan(got[2][bad_points]).all() and np.isnan(got[1][bad_points]).all()
+    for a, e in zip(got, ref):
+        assert np.array_equal(np.isnan(a), np.isnan(e))
+        # float32 points near kinks: compare where the oracle is finite, loosely for locations
+        np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(e), rtol=1e-3 if dtype == np.float32 else 1e-10,
+                                   atol=1e-2 if dtype == np.float32 else 1e-10)
+
+
+def test_points_far_outside_contribute_nothing_and_have_zero_gradients():
+    value = np.random.default_rng(0).standard_normal((1, 6, 2, 4))
+    shapes = np.array([[2, 3]])
+    loc = np.array([1e30, -1e30, 2.0, -1.0, 1.5, 0.5]).reshape(1, 1, 1, 1, 3, 2)
+    loc = np.repeat(loc, 2, axis=2)
+    attn = np.full((1, 1, 2, 1, 3), 0.7)
+    out = cydeform.ms_deform_attn(value, shapes, None, loc, attn)
+    assert np.array_equal(out, np.zeros_like(out))
+    gv, gl, ga = cydeform.ms_deform_attn_backward(np.ones_like(out), value, shapes, None, loc, attn)
+    assert not gv.any() and not gl.any() and not ga.any()
+
+
+def test_inputs_are_never_modified_and_read_only_non_contiguous_inputs_work():
+    rng = np.random.default_rng(3)
+    shapes = np.array([[3, 4], [2, 2]])
+    base_value = rng.standard_normal((1, 16, 4, 6))
+    value = base_value[:, :, ::2, :]  # non-contiguous (N, S, M=2, D)
+    loc = np.asfortranarray(rng.uniform(-0.2, 1.2, (1, 5, 2, 2, 3, 2)))
+    attn = rng.uniform(0, 1, (1, 5, 2, 2, 3))
+    g = rng.standard_normal((1, 5, 12))[:, :, :]
+    for a in (value, loc, attn, g, shapes):
+        a.flags.writeable = False
+    copies = [a.copy() for a in (value, loc, attn, g, shapes)]
+    out = cydeform.ms_deform_attn(value, shapes, None, loc, attn)
+    grads = cydeform.ms_deform_attn_backward(g, value, shapes, None, loc, attn)
+    for a, c in zip((value, loc, attn, g, shapes), copies):
+        assert np.array_equal(a, c)
+    contiguous = [np.ascontiguousarray(a) for a in (value, loc, attn, g)]
+    np.testing.assert_array_equal(out, cydeform.ms_deform_attn(contiguous[0], shapes, None, contiguous[1], contiguous[2]))
+    for a, b in zip(grads, cydeform.ms_deform_attn_backward(contiguous[3], contiguous[0], shapes, None,
+                                                            contiguous[1], contiguous[2])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_level_start_index_none_equals_explicit_offsets():
+    rng = np.random.default_rng(4)
+    shapes = np.array([[3, 5], [2, 1]], dtype=np.int32)
+    value = rng.standard_normal((2, 17, 2, 3))
+    loc = rng.uniform(0, 1, (2, 4, 2, 2, 2, 2))
+    attn = rng.uniform(0, 1, (2, 4, 2, 2, 2))
+    a = cydeform.ms_deform_attn(value, shapes, None, loc, attn)
+    b = cydeform.ms_deform_attn(value, shapes, np.array([0, 15], dtype=np.int32), loc, attn)
+    assert np.array_equal(a, b)
+
+
+def test_backward_accepts_deterministic_keyword():
+    rng = np.random.default_rng(5)
+    value = rng.standard_normal((1, 4, 1, 2))
+    loc = rng.uniform(0, 1, (1, 3, 1, 1, 2, 2))
+    attn = rng.uniform(0, 1, (1, 3, 1, 1, 2))
+    g = rng.standard_normal((1, 3, 2))
+    a = cydeform.ms_deform_attn_backward(g, value, [[2, 2]], None, loc, attn)
+    b = cydeform.ms_deform_attn_backward(g, value, [[2, 2]], None, loc, attn, deterministic=True)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)

@@ -1,0 +1,111 @@
+"""Every documented bad input gets its documented error: type and part of the message."""
+import numpy as np
+import pytest
+
+import cydeform
+
+RNG = np.random.default_rng(0)
+SHAPES = np.array([[2, 3], [1, 2]])  # S = 8
+N, S, M, D, Lq, L, P = 2, 8, 2, 3, 4, 2, 2
+
+
+def good(dtype=np.float64):
+    return dict(
+        value=RNG.standard_normal((N, S, M, D)).astype(dtype),
+        spatial_shapes=SHAPES.copy(),
+        level_start_index=np.array([0, 6]),
+        sampling_locations=RNG.uniform(0, 1, (N, Lq, M, L, P, 2)).astype(dtype),
+        attention_weights=RNG.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype),
+    )
+
+
+def call(**changes):
+    kw = good()
+    kw.update(changes)
+    return cydeform.ms_deform_attn(kw["value"], kw["spatial_shapes"], kw["level_start_index"],
+                                   kw["sampling_locations"], kw["attention_weights"])
+
+
+def call_backward(grad_output, **changes):
+    kw = good()
+    kw.update(changes)
+    return cydeform.ms_deform_attn_backward(grad_output, kw["value"], kw["spatial_shapes"],
+                                            kw["level_start_index"], kw["sampling_locations"],
+                                            kw["attention_weights"])
+
+
+def test_good_inputs_pass():
+    assert call().shape == (N, Lq, M * D)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(value=np.zeros((N, S, M * D))), r"value must have 4 dimensions \(N, S, M, D\); got 3"),
+    (dict(sampling_locations=np.zeros((N, Lq, M, L, P))), r"sampling_locations must have 6 dimensions"),
+    (dict(attention_weights=np.zeros((N, Lq, M, L * P))), r"attention_weights must have 5 dimensions"),
+    (dict(spatial_shapes=np.array([2, 3, 1, 2])), r"spatial_shapes must have 2 dimensions \(L, 2\)"),
+    (dict(spatial_shapes=np.array([[2, 3, 1]])), r"spatial_shapes must have shape \(L, 2\)"),
+    (dict(level_start_index=np.array([[0, 6]])), r"level_start_index must have 1 dimensions"),
+])
+def test_wrong_number_of_dimensions(changes, match):
+    with pytest.raises(ValueError, match=match):
+        call(**changes)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(sampling_locations=np.zeros((N + 1, Lq, M, L, P, 2))), r"sampling_locations has N = 3 .* value has N = 2"),
+    (dict(sampling_locations=np.zeros((N, Lq, M + 1, L, P, 2))), r"sampling_locations has M = 3 .* value has M = 2"),
+    (dict(sampling_locations=np.zeros((N, Lq, M, L + 1, P, 2))), r"sampling_locations has L = 3 .* spatial_shapes has L = 2"),
+    (dict(sampling_locations=np.zeros((N, Lq, M, L, P, 3))), r"sampling_locations must end in an axis of 2 \(x, y\)"),
+    (dict(attention_weights=np.zeros((N, Lq + 1, M, L, P))), r"attention_weights must have shape \(N, Lq, M, L, P\)"),
+    (dict(attention_weights=np.zeros((N, Lq, M, L, P + 1))), r"attention_weights must have shape \(N, Lq, M, L, P\)"),
+    (dict(value=np.zeros((N, S + 1, M, D))), r"value has S = 9 .* sum\(H_l \* W_l\) = 8"),
+    (dict(level_start_index=np.array([0, 5])), r"level_start_index must be .* \[0, 6\]; got \[0, 5\]"),
+    (dict(level_start_index=np.array([0, 6, 8])), r"level_start_index must be .* got \[0, 6, 8\]"),
+    (dict(spatial_shapes=np.array([[2, 3], [0, 2]]), value=np.zeros((N, 6, M, D))),
+     r"spatial_shapes must hold positive \(H, W\); level 1 is \(0, 2\)"),
+    (dict(spatial_shapes=np.array([[-2, -3], [1, 2]])), r"spatial_shapes must hold positive"),
+    (dict(sampling_locations=np.zeros((N, 0, M, L, P, 2)), attention_weights=np.zeros((N, 0, M, L, P))),
+     r"Lq >= 1 and P >= 1"),
+    (dict(value=np.zeros((N, S, M, 0))), r"value must have non-empty axes"),
+])
+def test_disagreeing_sizes(changes, match):
+    with pytest.raises(ValueError, match=match):
+        call(**changes)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(spatial_shapes=np.array([[2.0, 3.0], [1.0, 2.0]])), r"spatial_shapes must have an integer dtype; got dtype float64"),
+    (dict(spatial_shapes=np.array([[True, True], [True, True]])), r"spatial_shapes must have an integer dtype; got dtype bool"),
+    (dict(level_start_index=np.array([0.0, 6.0])), r"level_start_index must have an integer dtype"),
+    (dict(value=np.zeros((N, S, M, D), dtype=np.int64)), r"value must have a floating dtype among float32, float64; got dtype int64"),
+    (dict(attention_weights=np.zeros((N, Lq, M, L, P), dtype=np.complex128)), r"attention_weights must have a floating dtype"),
+    (dict(value=np.zeros((N, S, M, D), dtype=np.float16)), r"value must have a floating dtype among float32, float64; got dtype float16"),
+    (dict(sampling_locations=np.zeros((N, Lq, M, L, P, 2), dtype=np.float32)),
+     r"share one dtype: value is float64 but sampling_locations is float32"),
+    (dict(attention_weights=np.zeros((N, Lq, M, L, P), dtype=np.float32)),
+     r"share one dtype: value is float64 but attention_weights is float32"),
+    (dict(value="not an array"), r"value must have a floating dtype"),
+])
+def test_wrong_dtypes(changes, match):
+    with pytest.raises(TypeError, match=match):
+        call(**changes)
+
+
+def test_object_without_dtype_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"value must have a floating dtype"):
+        call(value=[[1, 2]])
+
+
+@pytest.mark.parametrize("grad_output, exc, match", [
+    (np.zeros((N, Lq, M * D + 1)), ValueError, r"grad_output must have shape \(N, Lq, M\*D\) = \(2, 4, 6\); got \(2, 4, 7\)"),
+    (np.zeros((N, Lq, M, D)), ValueError, r"grad_output must have shape"),
+    (np.zeros((N, Lq, M * D), dtype=np.float32), TypeError, r"grad_output must have the inputs' dtype float64; got dtype float32"),
+])
+def test_bad_grad_output(grad_output, exc, match):
+    with pytest.raises(exc, match=match):
+        call_backward(grad_output)
+
+
+def test_backward_validates_the_forward_arguments_too():
+    with pytest.raises(ValueError, match=r"value has S = 9"):
+        call_backward(np.zeros((N, Lq, M * D)), value=np.zeros((N, S + 1, M, D)))
