@@ -200,3 +200,25 @@ def test_backward_accepts_deterministic_keyword():
     b = cydeform.ms_deform_attn_backward(g, value, [[2, 2]], None, loc, attn, deterministic=True)
     for x, y in zip(a, b):
         assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(data=st.data())
+def test_every_instruction_set_build_gives_bit_identical_results(dtype, data):
+    """The baseline, AVX2 and AVX-512 builds differ in speed only (where this CPU runs them)."""
+    import importlib
+
+    from cydeform import _cpu
+
+    isas = _cpu.available_isas()
+    problem = data.draw(problems(dtype=dtype, nonfinite=data.draw(st.booleans())))
+    g = grad_output_for(problem)
+    value, shapes, starts, loc, attn = args(problem)
+    results = []
+    for isa in isas:
+        impl = importlib.import_module(f"cydeform._cpu_{isa}")
+        results.append((impl.forward(value, shapes, starts, loc, attn),
+                        *impl.backward(g, value, shapes, starts, loc, attn)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.tobytes() == b.tobytes()

@@ -1,24 +1,26 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Cython CPU backend of cydeform: MSDA forward and hand-derived backward.
+# Body of the Cython CPU backend, included by one small .pyx per instruction set
+# (_cpu_baseline.pyx, _cpu_avx2.pyx, _cpu_avx512.pyx): setup.py compiles the same code
+# with different -m flags and cydeform/_cpu.py picks the best build the processor runs.
+#
+# Cython CPU backend of cydeform: MSDA forward and hand-derived backward.
+#
+# Called by cydeform._cpu after validation, with C-contiguous arrays:
+# value (N, S, M, D), spatial_shapes (L, 2) int64, level_start_index (L,) int64,
+# sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P),
+# grad_output (N, Lq, M*D).
+#
+# Parallel layout (OpenMP through prange; without OpenMP the loops run serially and
+# give identical numbers):
+# - forward: one task per output row (n, q, m); rows are disjoint.
+# - backward: one task per (n, range of heads). A task owns grad_value[n, :, m_lo:m_hi, :]
+#   and walks the queries in order, so every element of grad_value is summed in the same
+#   order for any thread count (bit-identical results), and no two threads write one
+#   element.
 
-Called by cydeform.functional after validation, with C-contiguous arrays:
-value (N, S, M, D), spatial_shapes (L, 2) int64, level_start_index (L,) int64,
-sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P),
-grad_output (N, Lq, M*D).
-
-Parallel layout (OpenMP through prange; without OpenMP the loops run serially and
-give identical numbers):
-- forward: one task per output row (n, q, m); rows are disjoint.
-- backward: one task per (n, range of heads). A task owns grad_value[n, :, m_lo:m_hi, :]
-  and walks the queries in order, so every element of grad_value is summed in the same
-  order for any thread count (bit-identical results), and no two threads write one
-  element.
-"""
 import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport floor, isfinite, NAN
-from libc.string cimport memset
 from libc.stdint cimport int64_t
 
 ctypedef fused floating:
@@ -27,6 +29,20 @@ ctypedef fused floating:
 
 cdef extern from *:
     """
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    static int cyd_cpu_supports_avx2(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    static int cyd_cpu_supports_avx512(void) {
+        __builtin_cpu_init();
+        return cyd_cpu_supports_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    }
+    #else
+    static int cyd_cpu_supports_avx2(void) { return 0; }
+    static int cyd_cpu_supports_avx512(void) { return 0; }
+    #endif
     #ifdef _OPENMP
     #include <omp.h>
     static int cyd_max_threads(void) { return omp_get_max_threads(); }
@@ -35,6 +51,19 @@ cdef extern from *:
     #endif
     """
     int cyd_max_threads() noexcept nogil
+    int cyd_cpu_supports_avx2() noexcept nogil
+    int cyd_cpu_supports_avx512() noexcept nogil
+
+
+def cpu_supports(str isa):
+    """Whether this processor runs the build for ``isa`` ('baseline', 'avx2', 'avx512')."""
+    if isa == "baseline":
+        return True
+    if isa == "avx2":
+        return bool(cyd_cpu_supports_avx2())
+    if isa == "avx512":
+        return bool(cyd_cpu_supports_avx512())
+    raise ValueError(f"unknown instruction set {isa!r}")
 
 cdef extern from "msda_inner.h":
     void cyd_gather4_f(float* out, const float* v0, const float* v1, const float* v2, const float* v3,
