@@ -66,10 +66,11 @@ def cpu_supports(str isa):
     raise ValueError(f"unknown instruction set {isa!r}")
 
 cdef extern from "msda_inner.h":
-    void cyd_gather4_f(float* out, const float* v0, const float* v1, const float* v2, const float* v3,
-                       float w0, float w1, float w2, float w3, ptrdiff_t D) noexcept nogil
-    void cyd_gather4_d(double* out, const double* v0, const double* v1, const double* v2, const double* v3,
-                       double w0, double w1, double w2, double w3, ptrdiff_t D) noexcept nogil
+    void cyd_prefetch_row(const void* p) noexcept nogil
+    void cyd_accumulate_f(float* out, const float** ptr, const float* w, ptrdiff_t npts,
+                          ptrdiff_t D) noexcept nogil
+    void cyd_accumulate_d(double* out, const double** ptr, const double* w, ptrdiff_t npts,
+                          ptrdiff_t D) noexcept nogil
     void cyd_sample_backward_f(const float* g, const float* v0, const float* v1, const float* v2,
                                const float* v3, float* gv0, float* gv1, float* gv2, float* gv3,
                                float aw0, float aw1, float aw2, float aw3, ptrdiff_t D,
@@ -125,16 +126,31 @@ cdef inline int _corners(double loc_x, double loc_y, int64_t H, int64_t W,
     return 1
 
 
+# Samples whose corner pointers and weights the forward gathers before accumulating
+# them: all loads of a block are independent, so their cache misses overlap.
+cdef enum:
+    _BLOCK = 64
+
+
+cdef inline void _accumulate(floating* out, const floating** ptr, const floating* w, Py_ssize_t npts,
+                             Py_ssize_t D) noexcept nogil:
+    if floating is float:
+        cyd_accumulate_f(out, ptr, w, npts, D)
+    else:
+        cyd_accumulate_d(out, ptr, w, npts, D)
+
+
 cdef inline void _forward_row(const floating* value_nm, const floating* zeros, int64_t row_stride,
                               const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
                               Py_ssize_t D, const floating* loc, const floating* attn,
                               floating* out) noexcept nogil:
     """out (D,) = sum_{l,p} attn[l,p] * bilinear sample of level l at loc[l,p] (one (n, q, m) row)."""
-    cdef Py_ssize_t l, p, d, c
+    cdef Py_ssize_t l, p, d, c, k
     cdef int64_t idx[4]
     cdef double lx, ly, a
-    cdef floating w[4]
-    cdef const floating* v[4]
+    cdef const floating* ptr[4 * _BLOCK]
+    cdef floating w[4 * _BLOCK]
+    cdef Py_ssize_t npts = 0
     cdef bint nonfinite = False
     cdef int status
     for d in range(D):
@@ -149,21 +165,25 @@ cdef inline void _forward_row(const floating* value_nm, const floating* zeros, i
             if status == 0:
                 continue
             a = attn[l * P + p]
-            w[0] = <floating>(a * ((1.0 - ly) * (1.0 - lx)))
-            w[1] = <floating>(a * ((1.0 - ly) * lx))
-            w[2] = <floating>(a * (ly * (1.0 - lx)))
-            w[3] = <floating>(a * (ly * lx))
+            k = 4 * npts
+            w[k] = <floating>(a * ((1.0 - ly) * (1.0 - lx)))
+            w[k + 1] = <floating>(a * ((1.0 - ly) * lx))
+            w[k + 2] = <floating>(a * (ly * (1.0 - lx)))
+            w[k + 3] = <floating>(a * (ly * lx))
             for c in range(4):
                 # Corners outside the map read a zero row with weight 0: exact zero.
                 if idx[c] >= 0:
-                    v[c] = value_nm + (starts[l] + idx[c]) * row_stride
+                    ptr[k + c] = value_nm + (starts[l] + idx[c]) * row_stride
+                    cyd_prefetch_row(ptr[k + c])
                 else:
-                    v[c] = zeros
-                    w[c] = 0
-            if floating is float:
-                cyd_gather4_f(out, v[0], v[1], v[2], v[3], w[0], w[1], w[2], w[3], D)
-            else:
-                cyd_gather4_d(out, v[0], v[1], v[2], v[3], w[0], w[1], w[2], w[3], D)
+                    ptr[k + c] = zeros
+                    w[k + c] = 0
+            npts += 1
+            if npts == _BLOCK:
+                _accumulate(out, ptr, w, npts, D)
+                npts = 0
+    if npts > 0:
+        _accumulate(out, ptr, w, npts, D)
     if nonfinite:
         for d in range(D):
             out[d] = NAN
@@ -232,6 +252,15 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
     cdef const floating* v[4]
     cdef floating* gv[4]
     cdef int status
+    # Request every corner row of this row's samples first, so their misses overlap.
+    for l in range(L):
+        for p in range(P):
+            k = l * P + p
+            if _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly) > 0:
+                for c in range(4):
+                    if idx[c] >= 0:
+                        cyd_prefetch_row(value_nm + (starts[l] + idx[c]) * row_stride)
+                        cyd_prefetch_row(grad_value_nm + (starts[l] + idx[c]) * row_stride)
     for l in range(L):
         H = <double>shapes[2 * l]
         W = <double>shapes[2 * l + 1]
