@@ -52,3 +52,9 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return _impl.get_num_threads()
+
+
+def set_min_parallel_work(work: int) -> int:
+    """Internal (tests): calls with fewer channel-samples than this run single-threaded.
+    Returns the previous value."""
+    return [_load(isa).set_min_parallel_work(work) for isa in available_isas()][0]

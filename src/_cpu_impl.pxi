@@ -93,7 +93,24 @@ def get_num_threads():
     return _num_threads if _num_threads > 0 else cyd_max_threads()
 
 
-cdef inline int _threads() noexcept nogil:
+# Calls smaller than this many channel-samples (samples x D) run on one thread: waking
+# a thread team costs more than they take, and far more on a busy machine. Results do
+# not depend on the thread count, so this changes speed only. Tests lower it to 0 so
+# that small problems exercise the parallel paths.
+cdef int64_t _min_parallel_work = 1 << 18
+
+
+def set_min_parallel_work(int64_t work):
+    """Internal: work (samples x D) below which a call runs single-threaded; returns the old value."""
+    global _min_parallel_work
+    old = _min_parallel_work
+    _min_parallel_work = work
+    return old
+
+
+cdef inline int _threads(int64_t work) noexcept nogil:
+    if work < _min_parallel_work:
+        return 1
     return _num_threads if _num_threads > 0 else cyd_max_threads()
 
 
@@ -194,7 +211,7 @@ cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* 
                    Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq,
                    Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     cdef Py_ssize_t r, n, m
-    for r in prange(N * Lq * M, schedule="static", num_threads=_threads()):
+    for r in prange(N * Lq * M, schedule="static", num_threads=_threads(N * Lq * M * L * P * D)):
         n = r // (Lq * M)
         m = r % M
         _forward_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D,
@@ -233,6 +250,48 @@ cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] sh
 #   dx = hy (g.V01 - g.V00) + ly (g.V11 - g.V10),   dloc_x = W * A * dx
 #   dy = hx (g.V10 - g.V00) + lx (g.V11 - g.V01),   dloc_y = H * A * dy
 # and grad_value[c] += A * w_c * g for the corners inside the map.
+cdef inline void _backward_block(Py_ssize_t D,
+                                 const floating* g, const int64_t* geo_k, const int* inside, const double* geo,
+                                 const floating** v, floating** gv, Py_ssize_t npts,
+                                 floating* grad_loc, floating* grad_attn) noexcept nogil:
+    """Backward of ``npts`` in-map samples whose geometry _backward_row gathered.
+
+    Sample j is point geo_k[j] of the row; geo[5j:5j+5] = (lx, ly, A, W, H); bit c of
+    inside[j] says corner c is in the map. Its corner rows are v[4j:4j+4] (value) and
+    gv[4j:4j+4] (grad_value); corners outside the map read a zero row and scatter into
+    the task's scratch rows with weight 0.
+    """
+    cdef Py_ssize_t j, c, k
+    cdef double lx, ly, hx, hy, a
+    cdef double dots[4]
+    cdef double w[4]
+    cdef floating aw[4]
+    for j in range(npts):
+        lx = geo[5 * j]
+        ly = geo[5 * j + 1]
+        a = geo[5 * j + 2]
+        hx = 1.0 - lx
+        hy = 1.0 - ly
+        w[0] = hy * hx
+        w[1] = hy * lx
+        w[2] = ly * hx
+        w[3] = ly * lx
+        for c in range(4):
+            aw[c] = <floating>(a * w[c]) if inside[j] & (1 << c) else 0
+        if floating is float:
+            cyd_sample_backward_f(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3],
+                                  gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
+                                  aw[0], aw[1], aw[2], aw[3], D, dots)
+        else:
+            cyd_sample_backward_d(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3],
+                                  gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
+                                  aw[0], aw[1], aw[2], aw[3], D, dots)
+        k = geo_k[j]
+        grad_attn[k] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
+        grad_loc[2 * k] = <floating>(geo[5 * j + 3] * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
+        grad_loc[2 * k + 1] = <floating>(geo[5 * j + 4] * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
+
+
 cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm, const floating* zeros,
                                floating* scratch, int64_t row_stride, const int64_t* shapes,
                                const int64_t* starts, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
@@ -241,67 +300,53 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
     """Gradients of one (n, q, m) row; accumulates into grad_value_nm (owned by the caller's task).
 
     ``scratch`` is 4 rows of D owned by the task: corners outside the map scatter there
-    (weight 0), so the inner loop needs no branch.
+    (weight 0), so the inner loop needs no branch. The row's samples are handled in
+    blocks: first their geometry, with a prefetch of every corner row (so the misses
+    overlap), then the channel loops.
     """
     cdef Py_ssize_t l, p, c, k
     cdef int64_t idx[4]
-    cdef double lx, ly, hx, hy, a, H, W
-    cdef double dots[4]
-    cdef double w[4]
-    cdef floating aw[4]
-    cdef const floating* v[4]
-    cdef floating* gv[4]
+    cdef double lx, ly
     cdef int status
-    # Request every corner row of this row's samples first, so their misses overlap.
+    cdef int64_t geo_k[_BLOCK]
+    cdef double geo[5 * _BLOCK]
+    cdef int inside[_BLOCK]
+    cdef const floating* v[4 * _BLOCK]
+    cdef floating* gv[4 * _BLOCK]
+    cdef Py_ssize_t npts = 0
     for l in range(L):
-        for p in range(P):
-            k = l * P + p
-            if _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly) > 0:
-                for c in range(4):
-                    if idx[c] >= 0:
-                        cyd_prefetch_row(value_nm + (starts[l] + idx[c]) * row_stride)
-                        cyd_prefetch_row(grad_value_nm + (starts[l] + idx[c]) * row_stride)
-    for l in range(L):
-        H = <double>shapes[2 * l]
-        W = <double>shapes[2 * l + 1]
         for p in range(P):
             k = l * P + p
             status = _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
-            if status < 0:
-                grad_attn[k] = NAN
-                grad_loc[2 * k] = NAN
-                grad_loc[2 * k + 1] = NAN
+            if status <= 0:
+                # Non-finite location: NaN gradients; outside the map: zero gradients.
+                grad_attn[k] = NAN if status < 0 else 0
+                grad_loc[2 * k] = grad_attn[k]
+                grad_loc[2 * k + 1] = grad_attn[k]
                 continue
-            if status == 0:
-                grad_attn[k] = 0
-                grad_loc[2 * k] = 0
-                grad_loc[2 * k + 1] = 0
-                continue
-            hx = 1.0 - lx
-            hy = 1.0 - ly
-            w[0] = hy * hx
-            w[1] = hy * lx
-            w[2] = ly * hx
-            w[3] = ly * lx
-            a = attn[k]
+            geo_k[npts] = k
+            geo[5 * npts] = lx
+            geo[5 * npts + 1] = ly
+            geo[5 * npts + 2] = attn[k]
+            geo[5 * npts + 3] = <double>shapes[2 * l + 1]
+            geo[5 * npts + 4] = <double>shapes[2 * l]
+            inside[npts] = 0
             for c in range(4):
                 if idx[c] >= 0:
-                    v[c] = value_nm + (starts[l] + idx[c]) * row_stride
-                    gv[c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
-                    aw[c] = <floating>(a * w[c])
+                    inside[npts] |= 1 << c
+                    v[4 * npts + c] = value_nm + (starts[l] + idx[c]) * row_stride
+                    gv[4 * npts + c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
+                    cyd_prefetch_row(v[4 * npts + c])
+                    cyd_prefetch_row(gv[4 * npts + c])
                 else:
-                    v[c] = zeros
-                    gv[c] = scratch + c * D
-                    aw[c] = 0
-            if floating is float:
-                cyd_sample_backward_f(g, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3],
-                                      aw[0], aw[1], aw[2], aw[3], D, dots)
-            else:
-                cyd_sample_backward_d(g, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3],
-                                      aw[0], aw[1], aw[2], aw[3], D, dots)
-            grad_attn[k] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
-            grad_loc[2 * k] = <floating>(W * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
-            grad_loc[2 * k + 1] = <floating>(H * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
+                    v[4 * npts + c] = zeros
+                    gv[4 * npts + c] = scratch + c * D
+            npts += 1
+            if npts == _BLOCK:
+                _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
+                npts = 0
+    if npts > 0:
+        _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
 
 
 cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
@@ -310,7 +355,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
                     floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
                     Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     cdef Py_ssize_t t, n, m, q, r, m_lo, m_hi
-    cdef int threads = _threads()
+    cdef int threads = _threads(N * Lq * M * L * P * D)
     # A task is (n, a contiguous range of heads). It owns grad_value[n, :, m_lo:m_hi, :]
     # and walks queries in order, heads inner, so its reads of the per-row inputs are
     # contiguous runs. Each grad_value element is summed by one task over q ascending

@@ -90,8 +90,13 @@ def test_output_is_linear_in_value_and_in_attention_weights(problem, a, b):
 
 @pytest.fixture
 def restore_threads():
+    """Let small problems use threads (normally they run on one), then restore."""
+    from cydeform import _cpu
+
     before = cydeform.get_num_threads()
+    threshold = _cpu.set_min_parallel_work(0)
     yield
+    _cpu.set_min_parallel_work(threshold)
     cydeform.set_num_threads(before)
 
 
