@@ -116,15 +116,18 @@ cdef inline int _threads(int64_t work) noexcept nogil:
 
 # Geometry of one sampling point on one level: the four corner offsets into the level
 # (in units of M*D elements, -1 when the corner is outside the map) and the bilinear
-# fractions. Returns 0 if the point touches no texel, 1 if it does, -1 if its location
-# is not finite. The range check happens in floating point, before any int conversion.
+# fractions. Returns 0 if the point's cell [x0, x0+1) x [y0, y0+1) holds no texel
+# (x < -1, x >= W, y < -1 or y >= H), 1 if it does, -1 if its location is not finite.
+# At x = -1 the output is 0 but the one-sided location gradient (from the cell to the
+# right, as everywhere) is not, hence >=. The range check happens in floating point,
+# before any int conversion.
 cdef inline int _corners(double loc_x, double loc_y, int64_t H, int64_t W,
                          int64_t* idx, double* lx, double* ly) noexcept nogil:
     if not (isfinite(loc_x) and isfinite(loc_y)):
         return -1
     cdef double x = loc_x * W - 0.5
     cdef double y = loc_y * H - 0.5
-    if not (x > -1.0 and x < W and y > -1.0 and y < H):
+    if not (x >= -1.0 and x < W and y >= -1.0 and y < H):
         return 0
     cdef double x0f = floor(x)
     cdef double y0f = floor(y)

@@ -227,3 +227,19 @@ def test_every_instruction_set_build_gives_bit_identical_results(dtype, data):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
+
+
+def test_point_exactly_at_x_minus_one_has_the_one_sided_gradient_of_the_oracle():
+    """x = loc_x * W - 0.5 = -1: zero output, but the cell to the right, [-1, 0), holds
+    texel 0, so the location gradient (one-sided, like everywhere else) is not zero."""
+    value = np.array([3.0, 5.0]).reshape(1, 2, 1, 1)           # one 1x2 level
+    loc = np.array([-0.25, 0.5]).reshape(1, 1, 1, 1, 1, 2)      # x = -1, y = 0
+    attn = np.ones((1, 1, 1, 1, 1))
+    g = np.ones((1, 1, 1))
+    args_ = (value, np.array([[1, 2]]), None, loc, attn)
+    assert cydeform.ms_deform_attn(*args_)[0, 0, 0] == 0.0
+    got = cydeform.ms_deform_attn_backward(g, *args_)
+    expected = ms_deform_attn_backward_reference(g, *args_)
+    assert got[1][0, 0, 0, 0, 0, 0] == expected[1][0, 0, 0, 0, 0, 0] == 2 * 3.0  # W * V[0, 0]
+    for a, e in zip(got, expected):
+        np.testing.assert_array_equal(a, e)
