@@ -363,7 +363,11 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
     # and walks queries in order, heads inner, so its reads of the per-row inputs are
     # contiguous runs. Each grad_value element is summed by one task over q ascending
     # (then l, p, corner): the same order for any grouping, hence any thread count.
-    cdef Py_ssize_t groups = min(M, max(1, (2 * threads + N - 1) // N))
+    # As few head groups as keep every thread busy (long contiguous runs per task), and
+    # a task count that divides evenly among the threads where M allows.
+    cdef Py_ssize_t groups = min(M, max(1, (threads + N - 1) // N))
+    while (N * groups) % threads != 0 and groups < M:
+        groups += 1
     for t in prange(N * groups, schedule="static", num_threads=threads):
         n = t // groups
         m_lo = (t % groups) * M // groups
