@@ -12,10 +12,10 @@
 # Parallel layout (OpenMP through prange; without OpenMP the loops run serially and
 # give identical numbers):
 # - forward: one task per output row (n, q, m); rows are disjoint.
-# - backward: one task per (n, range of heads). A task owns grad_value[n, :, m_lo:m_hi, :]
-#   and walks the queries in order, so every element of grad_value is summed in the same
-#   order for any thread count (bit-identical results), and no two threads write one
-#   element.
+# - backward: one task per (n, query chunk, range of heads). A task owns its slice of
+#   its chunk's grad_value buffer and walks the queries in order, so every element is
+#   summed in the same order for any thread count (bit-identical results), and no two
+#   threads write one element. The chunk buffers are added in chunk order at the end.
 
 import numpy as np
 
@@ -352,63 +352,97 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
         _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
 
 
+# Query chunks of the backward for a single image: each chunk scatters into its own
+# grad_value buffer (chunk 0 into grad_value itself), summed in chunk order at the end.
+# Two threads splitting the heads of one image instead write alternate halves of the
+# same cache pages and slow each other down (measured: no faster than one thread);
+# splitting the queries, each thread writes its own buffer. The count depends on the
+# problem size (and the internal threshold tests lower), never on the thread count, so
+# results stay bit-identical for any number of threads.
+cdef enum:
+    _QUERY_CHUNKS = 2
+
+
+def query_chunks(Py_ssize_t N, Py_ssize_t Lq, int64_t work):
+    """Internal: how many query chunks (grad_value buffers) the backward uses."""
+    return _QUERY_CHUNKS if N == 1 and Lq >= 2 * _QUERY_CHUNKS and work >= _min_parallel_work else 1
+
+
 cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
                     const int64_t* starts, const floating* loc, const floating* attn,
-                    floating* grad_value, floating* grad_loc, floating* grad_attn, const floating* zeros,
-                    floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
-                    Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
-    cdef Py_ssize_t t, n, m, q, r, m_lo, m_hi
+                    floating* grad_value, floating* extra, Py_ssize_t K, floating* grad_loc,
+                    floating* grad_attn, const floating* zeros, floating* scratch, Py_ssize_t N,
+                    Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
+                    Py_ssize_t P) noexcept nogil:
+    """``extra`` holds K - 1 more grad_value buffers (N, S, M, D) for query chunks 1..K-1."""
+    cdef Py_ssize_t t, n, m, q, r, c, m_lo, m_hi, i
+    cdef Py_ssize_t size = N * S * M * D
+    cdef floating* gv
     cdef int threads = _threads(N * Lq * M * L * P * D)
-    # A task is (n, a contiguous range of heads). It owns grad_value[n, :, m_lo:m_hi, :]
-    # and walks queries in order, heads inner, so its reads of the per-row inputs are
-    # contiguous runs. Each grad_value element is summed by one task over q ascending
-    # (then l, p, corner): the same order for any grouping, hence any thread count.
-    # As few head groups as keep every thread busy (long contiguous runs per task), and
+    # A task is (n, query chunk c, a contiguous range of heads). It owns
+    # buffer_c[n, :, m_lo:m_hi, :] and walks its queries in order, heads inner, so its
+    # reads of the per-row inputs are contiguous runs. Each buffer element is summed by
+    # one task over q ascending (then l, p, corner): the same order for any grouping of
+    # heads, hence any thread count. As few head groups as keep every thread busy, and
     # a task count that divides evenly among the threads where M allows.
-    cdef Py_ssize_t groups = min(M, max(1, (threads + N - 1) // N))
-    while (N * groups) % threads != 0 and groups < M:
+    cdef Py_ssize_t groups = min(M, max(1, (threads + N * K - 1) // (N * K)))
+    while (N * K * groups) % threads != 0 and groups < M:
         groups += 1
-    for t in prange(N * groups, schedule="static", num_threads=threads):
-        n = t // groups
+    for t in prange(N * K * groups, schedule="static", num_threads=threads):
+        n = t // (K * groups)
+        c = (t // groups) % K
         m_lo = (t % groups) * M // groups
         m_hi = (t % groups + 1) * M // groups
-        for q in range(Lq):
+        gv = (grad_value if c == 0 else extra + (c - 1) * size) + n * S * M * D
+        for q in range(c * Lq // K, (c + 1) * Lq // K):
             for m in range(m_lo, m_hi):
                 r = (n * Lq + q) * M + m
-                _backward_row(value + n * S * M * D + m * D, grad_value + n * S * M * D + m * D, zeros,
+                _backward_row(value + n * S * M * D + m * D, gv + m * D, zeros,
                               scratch + t * 4 * D, M * D, shapes, starts, L, P, D, grad_out + r * D,
                               loc + r * L * P * 2, attn + r * L * P,
                               grad_loc + r * L * P * 2, grad_attn + r * L * P)
+    if K > 1:
+        # grad_value = chunk 0 + chunk 1 + ... in this order, element by element.
+        for i in prange(size, schedule="static", num_threads=threads):
+            for c in range(1, K):
+                grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
 
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
              sampling_locations, attention_weights):
     """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn)."""
-    grad_value = np.zeros(value.shape, dtype=value.dtype)
+    N, S, M, D = value.shape
+    Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    K = query_chunks(N, Lq, N * Lq * M * L * P * D)
+    # Zeroed here, not lazily by calloc, so the threads do not take the first-touch page
+    # faults of the same pages together mid-loop.
+    grad_value = np.empty(value.shape, dtype=value.dtype)
+    grad_value.fill(0)
+    extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
     grad_loc = np.empty(sampling_locations.shape, dtype=value.dtype)
     grad_attn = np.empty(attention_weights.shape, dtype=value.dtype)
-    zeros = np.zeros(value.shape[3], dtype=value.dtype)
-    # Up to N * M tasks, each with 4 rows where corners outside the map scatter.
-    scratch = np.empty((value.shape[0] * value.shape[2], 4, value.shape[3]), dtype=value.dtype)
+    zeros = np.zeros(D, dtype=value.dtype)
+    # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
+    scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
     if value.dtype == np.float32:
         _backward_typed[float](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                               attention_weights, grad_value, grad_loc, grad_attn, zeros, scratch)
+                               attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch)
     else:
         _backward_typed[double](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                attention_weights, grad_value, grad_loc, grad_attn, zeros, scratch)
+                                attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch)
     return grad_value, grad_loc, grad_attn
 
 
 cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :, ::1] value,
                      const int64_t[:, ::1] shapes, const int64_t[::1] starts,
                      const floating[:, :, :, :, :, ::1] loc, const floating[:, :, :, :, ::1] attn,
-                     floating[:, :, :, ::1] grad_value, floating[:, :, :, :, :, ::1] grad_loc,
-                     floating[:, :, :, :, ::1] grad_attn, const floating[::1] zeros,
-                     floating[:, :, ::1] scratch):
+                     floating[:, :, :, ::1] grad_value, floating[::1] extra, Py_ssize_t K,
+                     floating[:, :, :, :, :, ::1] grad_loc, floating[:, :, :, :, ::1] grad_attn,
+                     const floating[::1] zeros, floating[:, :, ::1] scratch):
     cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
     cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
     with nogil:
         _backward(&grad_out[0, 0, 0], &value[0, 0, 0, 0], &shapes[0, 0], &starts[0],
-                  &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0],
+                  &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0], &extra[0], K,
                   &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
                   &scratch[0, 0, 0], N, S, M, D, Lq, L, P)
