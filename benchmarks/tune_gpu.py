@@ -1,0 +1,818 @@
+"""One-shot GPU tuning run: ``python benchmarks/tune_gpu.py --out DIR [--dry-run]``.
+
+For the lent H100 session (see benchmarks/NOTES.md, "How to run on the lent GPU"):
+
+(a) device copy bandwidth (cydeform.bench_gpu.copy_bandwidth_gbs) and the ptxas report
+    of the timed kernels under the machine's own NVRTC;
+(b) the fast kernels beside the baseline kernels, CUDA events, median of >= 100 runs
+    after warm-up (cydeform.bench_gpu.Timer's method: each call queued behind a spin
+    kernel), for encoder N=1, N=2 and decoder, float32/float16/bfloat16 (float64 once),
+    both location distributions, with the fraction of the DRAM floor at the measured
+    copy bandwidth; the decoder call end to end through the public API (wall clock) and
+    a breakdown of its host overhead; the targets of the CUDA issue checked;
+(c) tuning experiments that need no source edit (module knobs of cydeform._cuda:
+    channel layout J/G, compile-time sizes, BLOCK, _MAX_GRID, extra NVRTC options such
+    as --maxrregcount, the L1/shared carveout, 64-bit offsets, cold L2). Each prints
+    its written-down prediction beside the measurement and a correctness check
+    against the default kernel's result.
+
+Writes DIR/tune_report.md (rewritten after every section, so a run cut short still
+leaves a report) and DIR/tune_results.json. Every measurement and experiment is
+guarded: a failure prints its error and the run goes on. ``--budget-s`` stops starting
+new experiments when the time is spent.
+
+``--dry-run``: no CuPy, no GPU. Runs the same host logic with NumPy arrays, a runtime
+that records launches instead of running them, and a fake timer (numbers marked
+FAKE), so the argument parsing, the knobs, the experiment list and the report
+formatting are tested here. ``--dry-run --compile`` also compiles every recorded
+kernel variant with NVRTC (with the experiment's options) when CuPy's NVRTC bindings
+are present. ``--dry-run --host-check`` runs the alternative channel layouts through
+the CPU host harness (tests/cuda_host) against the float64 reference.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from cydeform import _cuda, _validate, bench_gpu  # noqa: E402
+from cydeform.bench import make_problem  # noqa: E402
+
+CALLS = list(bench_gpu.CALLS)  # encoder1, encoder2, decoder
+MAIN_DTYPES = ["float32", "float16", "bfloat16"]
+DISTS = ["uniform", "local"]
+
+# Targets of the CUDA issue (H100), microseconds.
+TARGETS = {
+    ("encoder1", "float32", "fwd"): 80, ("encoder1", "float32", "bwd"): 250,
+    ("encoder1", "float16", "fwd"): 50, ("encoder1", "float16", "bwd"): 200,
+    ("encoder1", "bfloat16", "fwd"): 50, ("encoder1", "bfloat16", "bwd"): 200,
+}
+E2E_TARGET_US = 15.0
+N2_RATIO_TARGET = 2.1
+
+# H100 SXM figures for the L1 estimate (a cost-model lead, not a measurement).
+L1_BYTES_PER_CLK_PER_SM = 128
+SM_CLOCK_GHZ = 1.755
+
+
+# ---- cost model --------------------------------------------------------------------------
+
+def gather_bytes(prob):
+    """Bytes of corner gathers (4 corners x D channels per sample): the L1 traffic."""
+    return prob.N * prob.Lq * prob.M * prob.L * prob.P * 4 * prob.D * np.dtype(prob.dtype).itemsize
+
+
+def floors_us(prob, backward, copy_gbs, sms=132):
+    """(DRAM floor at the measured copy bandwidth, L1 gather floor estimate) in us."""
+    dram = bench_gpu.traffic_bytes(prob, backward) / (copy_gbs * 1e9) * 1e6
+    l1_bw = sms * L1_BYTES_PER_CLK_PER_SM * SM_CLOCK_GHZ * 1e9
+    l1 = gather_bytes(prob) * (2 if backward else 1) / l1_bw * 1e6
+    return dram, l1
+
+
+# ---- knobs -----------------------------------------------------------------------------
+
+def make_layout(prob, J, G, vec=True, specialise=True):
+    """A ChannelLayout with J chunks per lane and G lanes per (n, q, m) (vector chunks)."""
+    itemsize = np.dtype(prob.dtype).itemsize
+    C = 16 // itemsize if vec else 1
+    if prob.D % (C * J * G) != 0:
+        raise ValueError(f"J*G*C = {J * G * C} does not divide D = {prob.D}")
+    if specialise:
+        return _cuda.ChannelLayout(C, J, G, vec, prob.L, prob.P, prob.D, G)
+    return _cuda.ChannelLayout(C, J, G, vec, 0, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def knobs(block=None, max_grid=None, options=None, layout=None):
+    """Temporarily change cydeform._cuda's module knobs.
+
+    block: _cuda.BLOCK; max_grid: _cuda._MAX_GRID; options: extra NVRTC options appended
+    to _cuda.COMPILE_OPTIONS (the compiled-function cache is cleared on entry and exit);
+    layout: (J, G) forced for aligned calls (replaces _cuda.channel_layout).
+    """
+    saved = (_cuda.BLOCK, _cuda._MAX_GRID, _cuda.COMPILE_OPTIONS, _cuda.channel_layout)
+    original_layout = _cuda.channel_layout
+    try:
+        if block is not None:
+            _cuda.BLOCK = int(block)
+        if max_grid is not None:
+            _cuda._MAX_GRID = int(max_grid)
+        if options:
+            _cuda.COMPILE_OPTIONS = tuple(saved[2]) + tuple(options)
+            _cuda._cupy_function.cache_clear()
+        if layout is not None:
+            J, G = layout
+
+            def forced(prob, aligned, specialize=True):
+                if not aligned:
+                    return original_layout(prob, aligned, specialize)
+                return make_layout(prob, J, G, specialise=specialize)
+
+            _cuda.channel_layout = forced
+        yield
+    finally:
+        _cuda.BLOCK, _cuda._MAX_GRID, _cuda.COMPILE_OPTIONS, _cuda.channel_layout = saved
+        if options:
+            _cuda._cupy_function.cache_clear()
+
+
+# ---- experiments --------------------------------------------------------------------
+
+# Alternative (J, G) per element size for D = 32 (C = 16 / itemsize channels per chunk).
+# Default: 4 B -> J=2, G=4; 2 B -> J=1, G=4; 8 B -> J=2, G=8 (_cuda._J_TARGET).
+LAYOUTS = {
+    4: [((4, 2), "J=4 G=2: 16 ch/lane, half the lanes",
+         "fwd 0.70-0.85x of default (SASS issue floor 75 -> 55 us at the same 72-reg, 37.5% occupancy: the "
+         "float64 geometry and address math are done by 2 lanes, not 4); bwd atomics 0.8-0.95x (issue floor "
+         "164 -> 136 us, but 96 regs: 25% occupancy)"),
+        ((8, 1), "J=8 G=1: one lane per (n, q, m), 32 ch/lane",
+         "fwd 0.65-1.0x (issue floor 42 us, but 104 regs: 16 warps/SM may not hide the gather latency); "
+         "bwd 0.75-1.0x (issue floor 119 us, no shuffles, 126 regs)"),
+        ((1, 8), "J=1 G=8: 4 ch/lane, twice the lanes",
+         "slower: fwd 1.15-1.4x (issue floor 75 -> 102 us although 48 regs give 62.5% occupancy); "
+         "bwd 1.1-1.3x (206 vs 164 us floor)")],
+    2: [((4, 1), "J=4 G=1: one lane per (n, q, m), 32 ch/lane",
+         "fwd 0.7-0.95x (issue floor 77 -> 58 us; 80 regs, same 37.5% occupancy as default's 72); "
+         "bwd 0.8-1.0x (floor 149 -> 122 us, 128 regs: 25% occupancy)"),
+        ((2, 2), "J=2 G=2: 16 ch/lane (two 16-B loads per corner), half the lanes",
+         "fwd 0.8-0.95x (issue floor 77 -> 66 us, 80 regs: same occupancy); bwd 0.85-1.0x (floor 149 -> 133 us, "
+         "96 regs for fp16: 25% occupancy; 80 for bf16)")],
+    8: [((4, 4), "J=4 G=4: 8 ch/lane", "fwd and bwd 0.6-0.9x (geometry by 4 lanes, not 8; not in the targets)"),
+        ((1, 16), "J=1 G=16: 2 ch/lane", "slower, 1.2-1.5x: geometry by 16 lanes")],
+}
+
+REG_CAPS = [  # (option, prediction)
+    (64, "ptxas (12.9): fp16/bf16 fwd 72 -> 64 regs with no spill (37.5% -> 50% occupancy): 0.85-1.0x; fp32 fwd "
+         "66 -> 64 with 4 B spill stores / 16 B loads (8 B stack): 0.9-1.05x; fp32 bwd unchanged (already 64); "
+         "fp16/bf16 bwd 80 -> 64 with 48/~400 B spills: 0.95-1.15x"),
+    (48, "62.5% occupancy but 280-1600 B of spills on every fast kernel: predicted slower, 1.05-1.5x"),
+]
+
+BLOCKS = [  # (block size, prediction)
+    (128, "72-reg kernels: 28 warps/SM instead of 24 (7 blocks of 4 warps vs 3 of 8): +0-8% if latency-bound; "
+          "also halves the last-wave tail (2778 blocks / 396 resident = 7.02 waves at 256)"),
+    (512, "72-reg kernels: 1 block of 16 warps/SM (25% occupancy, from 37.5%): slower by 5-20%"),
+    (64, "72-reg kernels: 28 warps/SM (14 blocks of 2); same occupancy as 128, more scheduling: within +-5% of 128"),
+]
+
+
+@dataclass
+class Experiment:
+    name: str
+    prediction: str
+    kw: dict = field(default_factory=dict)      # knobs(**kw)
+    call_kw: dict = field(default_factory=dict)  # _forward/_backward keyword arguments
+    dtypes: tuple = ("float32", "float16")
+    dists: tuple = ("uniform", "local")
+    calls: tuple = ("encoder1",)
+    directions: tuple = ("fwd", "bwd")
+    flush_l2: bool = False
+    carveout: int | None = None
+
+
+def experiments(sms=132):
+    """The tuning grid, largest predicted gain first (METHOD: try the largest first)."""
+    ex = [Experiment("repeat default", "identical config timed again: within +-2% (the noise floor for "
+                     "every comparison below)")]
+    for itemsize, dtypes in ((4, ("float32",)), (2, ("float16", "bfloat16")), (8, ("float64",))):
+        for (J, G), label, pred in LAYOUTS[itemsize]:
+            ex.append(Experiment(f"layout {label.split(':')[0]}", f"{label}. Prediction: {pred}",
+                                 kw=dict(layout=(J, G)), dtypes=dtypes,
+                                 dists=("uniform", "local") if itemsize != 8 else ("uniform",)))
+    ex.append(Experiment("maxrregcount=64", REG_CAPS[0][1], kw=dict(options=("--maxrregcount=64",)),
+                         dtypes=("float32", "float16", "bfloat16")))
+    for block, pred in BLOCKS:
+        ex.append(Experiment(f"BLOCK={block}", pred, kw=dict(block=block)))
+    ex.append(Experiment("maxrregcount=64 + BLOCK=128", "combined: 64 regs at 128 threads = 32 warps/SM (50%); "
+                         "gain = the better of the two alone, +0-3%", kw=dict(options=("--maxrregcount=64",), block=128)))
+    ex.append(Experiment("maxrregcount=48", REG_CAPS[1][1], kw=dict(options=("--maxrregcount=48",)),
+                         dtypes=("float32",)))
+    ex.append(Experiment("specialize off", "runtime L/P/D loops, J=1, G=8 (fp32) / 4 (half): slower by 1.2-1.6x "
+                         "(no unrolling: fewer loads in flight, more geometry lanes for fp32)",
+                         call_kw=dict(specialize=False)))
+    ex.append(Experiment("64-bit offsets", "index64=True: more IMAD/LEA per address: slower by 0-10%",
+                         call_kw=dict(index64=True), dtypes=("float32",)))
+    ex.append(Experiment(f"persistent grid ({sms}x3 blocks)", "grid-stride with one resident wave: within +-5% "
+                         "(the wave quantisation moves into the per-thread loop)", kw=dict(max_grid=sms * 3),
+                         dtypes=("float32",)))
+    ex.append(Experiment("L1 carveout 0 (max L1)", "driver already gives a 0-smem kernel the largest L1: within "
+                         "+-3%", carveout=0, dtypes=("float32",)))
+    ex.append(Experiment("cold L2 (flushed before each run)", "not a knob: how much the warm-L2 numbers flatter. "
+                         "encoder fp32 fwd +3-10 us (value 22.8 MB and loc/attn from DRAM), decoder +2-6 us",
+                         flush_l2=True, dtypes=("float32",), calls=("encoder1", "decoder"), dists=("uniform",)))
+    return ex
+
+
+def compile_variants(dtype):
+    """(label, expressions, extra NVRTC options) of the tuning variants for ptxas_report.py."""
+    import ptxas_report
+
+    out = []
+    try:
+        prob = ptxas_report.problem("encoder1", dtype)
+        swap = None
+    except ImportError:  # bfloat16 without ml_dtypes: derive from float16
+        prob = ptxas_report.problem("encoder1", "float16")
+        swap = "cyd_bf16"
+    itemsize = np.dtype(prob.dtype).itemsize
+    index = _cuda.index_ctype(prob)
+
+    def fix(exprs):
+        return [e.replace("cyd_half", swap) for e in exprs] if swap else exprs
+
+    for (J, G), label, _ in LAYOUTS[itemsize]:
+        lay = make_layout(prob, J, G)
+        exprs = [_cuda._fast_expr("msda_forward", prob, index, lay),
+                 _cuda._fast_expr("msda_backward", prob, index, lay, True),
+                 _cuda._fast_expr("msda_backward", prob, index, lay, False)]
+        out.append((f"layout {label.split(':')[0]}", fix(exprs), ()))
+    default = _cuda.kernel_expressions(prob)[:4]  # fast fwd, fwd baseline, bwd atomics, bwd no-dV
+    fast = [default[0], default[2], default[3]]
+    for cap, _ in REG_CAPS:
+        out.append((f"--maxrregcount={cap}", fix(fast), (f"--maxrregcount={cap}",)))
+    return out
+
+
+# ---- runtimes for the dry run --------------------------------------------------------
+
+class RecordingRuntime:
+    """The runtime interface of cydeform._cuda with NumPy arrays; records launches, runs nothing."""
+
+    xp = np
+
+    def __init__(self):
+        self.launched = []
+
+    def launch(self, expr, total_threads, args):
+        self.launched.append((expr, _cuda._grid(total_threads), _cuda.BLOCK, tuple(_cuda.COMPILE_OPTIONS)))
+
+    @staticmethod
+    def pointer(a):
+        return a.ctypes.data
+
+    @staticmethod
+    def levels(prob):
+        return _cuda.level_table(prob)
+
+    @staticmethod
+    def argsort_stable(keys):
+        return np.argsort(keys, kind="stable")
+
+
+class FakeTimer:
+    """Calls fn once (so the orchestration runs) and returns made-up numbers marked FAKE."""
+
+    fake = True
+
+    def __init__(self, seed=0):
+        self.rng = np.random.default_rng(seed)
+
+    def stats_us(self, fn, repeat, warmup=0, flush=None):
+        fn()
+        med = float(self.rng.uniform(20, 400))
+        return dict(median=med, p10=med * 0.98, p90=med * 1.03, enqueue=5.0, n=repeat)
+
+
+class EventTimer(bench_gpu.Timer):
+    """bench_gpu.Timer plus spread (p10/p90), the host enqueue time and an optional L2 flush."""
+
+    fake = False
+
+    def stats_us(self, fn, repeat, warmup=5, flush=None):
+        cupy = self.cupy
+        for _ in range(warmup):
+            fn()
+        cupy.cuda.get_current_stream().synchronize()
+        pairs, enqueue = [], []
+        for _ in range(repeat):
+            if flush is not None:
+                flush()  # before the spin: not inside the timed region
+            self._spin((1,), (1,), (self._ns,))
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            t0 = time.perf_counter()
+            fn()
+            enqueue.append(time.perf_counter() - t0)
+            end.record()
+            pairs.append((start, end))
+        pairs[-1][1].synchronize()
+        times = sorted(cupy.cuda.get_elapsed_time(s, e) * 1e3 for s, e in pairs)
+        q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+        return dict(median=statistics.median(times), p10=q(0.1), p90=q(0.9),
+                    enqueue=statistics.median(enqueue) * 1e6, n=repeat)
+
+
+# ---- the session ----------------------------------------------------------------------
+
+def _dtype(name):
+    return bench_gpu._dtype(name)
+
+
+class Session:
+    def __init__(self, args):
+        self.args = args
+        self.dry = args.dry_run
+        self.t0 = time.perf_counter()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.sections = []   # (title, markdown)
+        self.results = dict(meta={}, baseline=[], experiments=[], e2e=[], host=[], errors=[], ptxas={})
+        self.inputs = {}
+        self.reference = {}
+        if self.dry:
+            self.timer = FakeTimer()
+            self.rt = RecordingRuntime()
+            self.xp = np
+        else:
+            import cupy
+
+            self.cupy = cupy
+            self.timer = EventTimer(spin_us=args.spin_us)
+            self.rt = _cuda.CupyRuntime()
+            self.xp = cupy
+        self._flush_buf = None
+
+    # -- bookkeeping
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def over_budget(self):
+        return self.elapsed() > self.args.budget_s
+
+    def error(self, where, exc):
+        msg = f"{where}: {type(exc).__name__}: {exc}"
+        print("  ERROR " + msg, flush=True)
+        if self.args.verbose:
+            traceback.print_exc()
+        self.results["errors"].append(msg)
+        return msg
+
+    def write(self):
+        lines = [f"# GPU tuning run{' (DRY RUN: FAKE numbers, no GPU)' if self.dry else ''}\n"]
+        for title, body in self.sections:
+            lines.append(f"## {title}\n\n{body}\n")
+        (self.out / "tune_report.md").write_text("\n".join(lines))
+        (self.out / "tune_results.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+    def section(self, title, body):
+        self.sections.append((title, body))
+        print(f"\n## {title}\n\n{body}", flush=True)
+        self.write()
+
+    # -- inputs
+    def get_inputs(self, call, dtype, dist):
+        key = (call, dtype, dist)
+        if key not in self.inputs:
+            if len(self.inputs) > 6:  # keep device memory bounded
+                self.inputs.pop(next(iter(self.inputs)))
+            if self.dry:
+                _, N, Lq = bench_gpu.CALLS[call]
+                dt = _dtype(dtype)
+                value, shapes, starts, loc, attn = make_problem(N=N, Lq=Lq, distribution=dist, dtype=np.float32)
+                value, loc, attn = (a.astype(dt) for a in (value, loc, attn))
+                prob = _validate.check_problem(value, shapes, starts, loc, attn, _validate.GPU_DTYPES)
+                grad = np.ones((prob.N, prob.Lq, prob.M * prob.D), dtype=dt)
+                self.inputs[key] = (prob, value, shapes, starts, loc, attn, grad)
+            else:
+                self.inputs[key] = bench_gpu._inputs(call, dtype, dist)
+        return self.inputs[key]
+
+    def fns(self, call, dtype, dist, direction, mode="fast", call_kw=None):
+        prob, value, _, _, loc, attn, grad = self.get_inputs(call, dtype, dist)
+        kw = dict(call_kw or {})
+        rt = self.rt
+        if direction == "fwd":
+            variant = "baseline" if mode == "baseline" else "fast"
+            return lambda: _cuda._forward(rt, prob, value, loc, attn, variant=variant, **kw)
+        if mode == "det":
+            return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, deterministic=True, **kw)
+        variant = "baseline" if mode == "baseline" else "fast"
+        return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, variant=variant, **kw)
+
+    def flush_fn(self):
+        if self.dry:
+            return lambda: None
+        if self._flush_buf is None:
+            self._flush_buf = self.cupy.empty(256 << 20, dtype=self.cupy.uint8)  # > 50 MB L2
+        buf = self._flush_buf
+        return lambda: buf.fill(1)
+
+    def time(self, fn, flush=False):
+        return self.timer.stats_us(fn, self.args.repeat, flush=self.flush_fn() if flush else None)
+
+    # -- correctness of a variant against the default fast kernels
+    def check(self, call, dtype, dist, direction, fn):
+        if self.dry:
+            return "n/a (dry)"
+        key = (call, dtype, dist, direction)
+        xp = self.xp
+        if key not in self.reference:
+            self.reference[key] = self.fns(call, dtype, dist, direction)()
+        got, want = fn(), self.reference[key]
+        if direction == "fwd":
+            got, want = (got,), (want,)
+        worst = 0.0
+        for g, w in zip(got, want):
+            g64, w64 = g.astype(xp.float64), w.astype(xp.float64)
+            scale = float(xp.nanmax(xp.abs(w64))) or 1.0
+            if not bool((xp.isnan(g64) == xp.isnan(w64)).all()):
+                return "MISMATCH (NaN positions)"
+            worst = max(worst, float(xp.nanmax(xp.abs(g64 - w64))) / scale)
+        tol = 1e-5 if dtype in ("float32", "float64") else 2e-2
+        return f"ok ({worst:.1e})" if worst <= tol else f"MISMATCH (max rel {worst:.1e})"
+
+    # ---- (a) device
+    def device(self):
+        meta = self.results["meta"]
+        meta["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+        meta["python"] = platform.python_version()
+        if self.dry:
+            meta.update(device="DRY RUN (no GPU)", copy_gbs=3000.0, sms=132, nvrtc="n/a")
+        else:
+            cupy = self.cupy
+            meta["device"] = bench_gpu.device_description()
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            meta["sms"] = int(props["multiProcessorCount"])
+            meta["l2_mb"] = props.get("l2CacheSize", 0) / 2**20
+            meta["clock_mhz"] = props.get("clockRate", 0) / 1e3
+            try:
+                import ptxas_report
+                meta["nvrtc"] = ptxas_report.nvrtc_version()
+            except Exception as exc:
+                meta["nvrtc"] = f"? ({exc})"
+            bws = []
+            for _ in range(2):  # twice: the spread of the ceiling itself
+                bws.append(bench_gpu.copy_bandwidth_gbs(self.timer))
+            meta["copy_gbs_runs"] = bws
+            meta["copy_gbs"] = max(bws)
+        body = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+        self.section("Device", body)
+
+    def ptxas(self):
+        """The machine's own NVRTC: registers/spills/occupancy of the default fast kernels."""
+        try:
+            import ptxas_report
+        except Exception as exc:
+            self.error("ptxas import", exc)
+            return
+        rows = [ptxas_report.HEADER, "|" + "---|" * ptxas_report.HEADER.count("|")]
+        for dtype in ("float32", "float16", "bfloat16", "float64"):
+            try:
+                used, _ = ptxas_report.benchmark_expressions(dtype)
+                exprs = [e for e in used if "encoder1:default" in used[e]]
+                rep, _ = ptxas_report.compile_report(exprs, "sm_90")
+                for e in sorted(exprs, key=ptxas_report.role):
+                    if e in rep and rep[e]["regs"] is not None:
+                        rows.append(ptxas_report.fmt_row(e, rep[e]))
+                        self.results["ptxas"][e] = rep[e]
+            except Exception as exc:
+                rows.append(f"| {dtype} | {self.error('ptxas ' + dtype, exc)} |")
+        self.section("ptxas on this machine's NVRTC (sm_90, default options)", "\n".join(rows))
+
+    # ---- (b) baseline table
+    def baseline(self):
+        copy_gbs = self.results["meta"]["copy_gbs"]
+        sms = self.results["meta"].get("sms", 132)
+        head = ("| call | dtype | locations | fwd fast us (p10-p90) | fwd baseline | speed-up | fwd % DRAM floor "
+                "(floor us) | L1 floor est. us | bwd fast | bwd baseline | speed-up | bwd det | bwd % DRAM floor "
+                "(floor us) | enqueue us fwd/bwd |")
+        rows = [head, "|" + "---|" * (head.count("|") - 1)]
+        plan = [(c, d, s) for c in CALLS for d in MAIN_DTYPES for s in DISTS] + [("encoder1", "float64", "uniform")]
+        for call, dtype, dist in plan:
+            if self.over_budget():
+                rows.append(f"| {call} | {dtype} | {dist} | skipped: time budget | |")
+                continue
+            try:
+                prob = self.get_inputs(call, dtype, dist)[0]
+                t = {}
+                for direction in ("fwd", "bwd"):
+                    for mode in ("fast", "baseline") + (("det",) if direction == "bwd" else ()):
+                        t[f"{direction} {mode}"] = self.time(self.fns(call, dtype, dist, direction, mode))
+                fl = {d: floors_us(prob, d == "bwd", copy_gbs, sms) for d in ("fwd", "bwd")}
+                rec = dict(call=call, dtype=dtype, dist=dist, t=t, floors=fl)
+                self.results["baseline"].append(rec)
+                f, b = t["fwd fast"], t["bwd fast"]
+                rows.append(
+                    f"| {call} | {dtype} | {dist} | {f['median']:.1f} ({f['p10']:.1f}-{f['p90']:.1f}) "
+                    f"| {t['fwd baseline']['median']:.1f} | {t['fwd baseline']['median'] / f['median']:.2f}x "
+                    f"| {100 * fl['fwd'][0] / f['median']:.0f}% ({fl['fwd'][0]:.1f}) | {fl['fwd'][1]:.1f} "
+                    f"| {b['median']:.1f} ({b['p10']:.1f}-{b['p90']:.1f}) | {t['bwd baseline']['median']:.1f} "
+                    f"| {t['bwd baseline']['median'] / b['median']:.2f}x | {t['bwd det']['median']:.1f} "
+                    f"| {100 * fl['bwd'][0] / b['median']:.0f}% ({fl['bwd'][0]:.1f}) "
+                    f"| {f['enqueue']:.0f}/{b['enqueue']:.0f} |")
+                print(rows[-1], flush=True)
+            except Exception as exc:
+                rows.append(f"| {call} | {dtype} | {dist} | {self.error(f'baseline {call} {dtype} {dist}', exc)} |")
+        note = (f"\nDevice time (events, median of {self.args.repeat} after warm-up, spin {self.args.spin_us:.0f} us "
+                "ahead of each call). bwd = atomics mode incl. the grad_value memset (and the cast for half types). "
+                "DRAM floor = bench_gpu.traffic_bytes / measured copy bandwidth; L1 floor = corner-gather bytes / "
+                f"({L1_BYTES_PER_CLK_PER_SM} B/clk/SM x SMs x {SM_CLOCK_GHZ} GHz), an estimate. "
+                "If 'enqueue' nears the spin time, the events include host gaps: rerun with a larger --spin-us.")
+        self.section("Fast vs baseline kernels", "\n".join(rows) + "\n" + note)
+        self.components()
+        self.targets()
+
+    def components(self):
+        """How much of the backward is the grad_value buffer (memset) and the half cast."""
+        rows = ["| call | dtype | zeros(acc) us | cast us |", "|---|---|---|---|"]
+        for call in ("encoder1", "decoder"):
+            for dtype in ("float32", "float16"):
+                try:
+                    prob = self.get_inputs(call, dtype, "uniform")[0]
+                    acc_dtype = _cuda._acc_dtype(prob)
+                    shape = (prob.N, prob.S, prob.M, prob.D)
+                    xp = self.xp
+                    z = self.time(lambda: xp.zeros(shape, dtype=acc_dtype))["median"]
+                    if dtype == "float32":
+                        c = "-"
+                    else:
+                        acc = xp.zeros(shape, dtype=acc_dtype)
+                        c = f"{self.time(lambda: _cuda._finish_grad_value(self.rt, prob, acc))['median']:.1f}"
+                    rows.append(f"| {call} | {dtype} | {z:.1f} | {c} |")
+                except Exception as exc:
+                    rows.append(f"| {call} | {dtype} | {self.error('components', exc)} | |")
+        self.section("Backward components (device time)", "\n".join(rows))
+
+    def targets(self):
+        rows = ["| check | measured | target | verdict |", "|---|---|---|---|"]
+        base = {(r["call"], r["dtype"], r["dist"]): r["t"] for r in self.results["baseline"]}
+        for (call, dtype, direction), target in TARGETS.items():
+            for dist in DISTS:
+                t = base.get((call, dtype, dist))
+                if t is None:
+                    continue
+                m = t[f"{direction} fast"]["median"]
+                rows.append(f"| {call} {dtype} {direction} ({dist}) | {m:.1f} us | <= {target} us "
+                            f"| {'PASS' if m <= target else 'MISS'} |")
+        for dtype in MAIN_DTYPES:
+            for dist in DISTS:
+                t1, t2 = base.get(("encoder1", dtype, dist)), base.get(("encoder2", dtype, dist))
+                if t1 is None or t2 is None:
+                    continue
+                for direction in ("fwd", "bwd"):
+                    ratio = t2[f"{direction} fast"]["median"] / t1[f"{direction} fast"]["median"]
+                    rows.append(f"| N=2 / N=1 {dtype} {direction} ({dist}) | {ratio:.2f}x | <= {N2_RATIO_TARGET}x "
+                                f"| {'PASS' if ratio <= N2_RATIO_TARGET else 'MISS'} |")
+        for rec in self.results["e2e"]:
+            for direction in ("fwd", "bwd"):
+                m = rec[direction]
+                rows.append(f"| decoder end to end {rec['dtype']} {direction} | {m:.1f} us | <= {E2E_TARGET_US} us "
+                            f"| {'PASS' if m <= E2E_TARGET_US else 'MISS'} |")
+        self.section("Targets", "\n".join(rows))
+
+    # ---- decoder end to end and host overhead
+    def end_to_end(self):
+        rows = ["| dtype | fwd us | bwd us | host: check_problem | host: _cuda.forward enqueue | "
+                "host: _cuda.backward enqueue | empty kernel launch+sync |", "|---|---|---|---|---|---|---|"]
+        for dtype in MAIN_DTYPES:
+            try:
+                if self.dry:
+                    e2e = dict(fwd=float("nan"), bwd=float("nan"))
+                else:
+                    e2e = bench_gpu.end_to_end_us("decoder", dtype, max(self.args.repeat, 100))
+                host = self.host_breakdown(dtype)
+                self.results["e2e"].append(dict(dtype=dtype, **e2e))
+                self.results["host"].append(dict(dtype=dtype, **host))
+                rows.append(f"| {dtype} | {e2e['fwd']:.1f} | {e2e['bwd']:.1f} | {host['validate']:.1f} "
+                            f"| {host['fwd_enqueue']:.1f} | {host['bwd_enqueue']:.1f} | {host['launch_sync']:.1f} |")
+            except Exception as exc:
+                rows.append(f"| {dtype} | {self.error('end to end ' + dtype, exc)} | |")
+        self.section("Decoder call end to end (wall clock, public API, synchronised) and host overhead",
+                     "\n".join(rows) + "\n\nHost columns: median wall time of the host-side step alone "
+                     "(enqueue = the backend call returns before the GPU finishes; device idle before each).")
+        self.targets()
+
+    def host_breakdown(self, dtype, repeat=200):
+        prob, value, shapes, starts, loc, attn, grad = self.get_inputs("decoder", dtype, "uniform")
+
+        def med(fn, sync):
+            ts = []
+            for _ in range(repeat):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            sync()
+            return statistics.median(ts) * 1e6
+
+        if self.dry:
+            sync = lambda: None  # noqa: E731
+            launch_sync = float("nan")
+            fwd = lambda: _cuda._forward(self.rt, prob, value, loc, attn)  # noqa: E731
+            bwd = lambda: _cuda._backward(self.rt, prob, grad, value, loc, attn)  # noqa: E731
+        else:
+            stream = self.cupy.cuda.get_current_stream()
+            sync = stream.synchronize
+            k = self.cupy.RawKernel('extern "C" __global__ void cyd_empty() {}', "cyd_empty")
+            launch_sync = med(lambda: (k((1,), (1,), ()), stream.synchronize()), lambda: None)
+            fwd = lambda: _cuda.forward(prob, value, loc, attn)  # noqa: E731
+            bwd = lambda: _cuda.backward(prob, grad, value, loc, attn)  # noqa: E731
+        validate = med(lambda: _validate.check_problem(value, shapes, starts, loc, attn, _validate.GPU_DTYPES), sync)
+        return dict(validate=validate, fwd_enqueue=med(fwd, sync), bwd_enqueue=med(bwd, sync), launch_sync=launch_sync)
+
+    # ---- (c) experiments
+    def run_experiments(self):
+        sms = self.results["meta"].get("sms", 132)
+        head = ("| experiment | call | dtype | locations | dir | default us | variant us (p10-p90) | ratio "
+                "(<1 = faster) | check | prediction |")
+        rows = [head, "|" + "---|" * (head.count("|") - 1)]
+        selected = experiments(sms)
+        if self.args.only:
+            selected = [e for e in selected if any(s.lower() in e.name.lower() for s in self.args.only)]
+        for ex in selected:
+            print(f"\n# experiment: {ex.name}\n  prediction: {ex.prediction}", flush=True)
+            first = True
+            for call in ex.calls:
+                for dtype in ex.dtypes:
+                    for dist in ex.dists:
+                        for direction in ex.directions:
+                            cell = f"| {ex.name if first else ''} | {call} | {dtype} | {dist} | {direction} "
+                            pred = ex.prediction if first else ""
+                            if self.over_budget():
+                                rows.append(cell + f"| skipped: time budget ({self.args.budget_s:.0f} s) | | | | | |")
+                                first = False
+                                continue
+                            try:
+                                rows.append(cell + self.one_experiment(ex, call, dtype, dist, direction, pred))
+                            except Exception as exc:
+                                rows.append(cell + f"| {self.error(f'{ex.name} {call} {dtype} {dist} {direction}', exc)}"
+                                                   f" | | | | | {pred} |")
+                            first = False
+                            print(rows[-1], flush=True)
+            self.sections = [s for s in self.sections if s[0] != "Experiments"]
+            self.section_quiet("Experiments", "\n".join(rows))
+        self.section("Experiments", "\n".join(rows) + "\n\nratio = variant / default median, both timed in the "
+                     "same run. A difference inside the 'repeat default' spread is noise.")
+
+    def section_quiet(self, title, body):
+        self.sections.append((title, body))
+        self.write()
+
+    def one_experiment(self, ex, call, dtype, dist, direction, pred):
+        default = self.time(self.fns(call, dtype, dist, direction), flush=False)
+        fn = self.fns(call, dtype, dist, direction, call_kw=ex.call_kw)
+        with knobs(**ex.kw):
+            restore = self.set_carveout(ex, call, dtype, dist, direction) if ex.carveout is not None else None
+            try:
+                check = self.check(call, dtype, dist, direction, fn)
+                var = self.time(fn, flush=ex.flush_l2)
+            finally:
+                if restore:
+                    restore()
+        self.results["experiments"].append(dict(name=ex.name, call=call, dtype=dtype, dist=dist, direction=direction,
+                                                default=default, variant=var, check=check, prediction=ex.prediction))
+        ratio = var["median"] / default["median"]
+        return (f"| {default['median']:.1f} | {var['median']:.1f} ({var['p10']:.1f}-{var['p90']:.1f}) "
+                f"| {ratio:.2f} | {check} | {pred} |")
+
+    def set_carveout(self, ex, call, dtype, dist, direction):
+        """Set the preferred shared-memory carveout of the fast kernel; return a restorer."""
+        if self.dry:
+            return None
+        from cupy.cuda import driver
+
+        prob = self.get_inputs(call, dtype, dist)[0]
+        exprs = _cuda.kernel_expressions(prob)
+        expr = exprs[0] if direction == "fwd" else exprs[2]
+        func = _cuda._cupy_function(expr, self.rt.device_id)
+        attr = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+        driver.funcSetAttribute(func.ptr, attr, int(ex.carveout))
+        return lambda: driver.funcSetAttribute(func.ptr, attr, -1)  # -1: no preference (the default)
+
+
+# ---- dry-run extras -----------------------------------------------------------------
+
+def dry_compile(session):
+    """Compile every (expression, options) the dry run recorded, with NVRTC here."""
+    try:
+        import ptxas_report
+    except Exception as exc:
+        print(f"compile check skipped: {exc}")
+        return
+    by_opts = {}
+    for expr, _, _, opts in session.rt.launched:
+        by_opts.setdefault(opts, set()).add(expr)
+    rows = ["| options | kernels | max regs | spills |", "|---|---|---|---|"]
+    for opts, exprs in by_opts.items():
+        extra = tuple(o for o in opts if o not in _cuda.COMPILE_OPTIONS)
+        try:
+            rep, _ = ptxas_report.compile_report(sorted(exprs), "sm_90", extra_options=extra)
+            spills = [e for e, r in rep.items() if r["spill_st"] or r["spill_ld"]]
+            rows.append(f"| {' '.join(opts)} | {len(exprs)} | {max(r['regs'] for r in rep.values())} "
+                        f"| {len(spills)}: {', '.join(spills)[:300]} |")
+        except Exception as exc:
+            rows.append(f"| {' '.join(opts)} | {len(exprs)} | {session.error('compile', exc)} | |")
+    session.section("Dry run: NVRTC compile of every recorded launch", "\n".join(rows))
+
+
+def host_check(session):
+    """Alternative layouts on the CPU host harness against the float64 reference (small problem)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from cuda_host.host_runtime import HostRuntime, find_compiler
+
+    from cydeform.reference import ms_deform_attn_backward_reference, ms_deform_attn_reference
+
+    if find_compiler() is None:
+        print("host check skipped: no C++ compiler")
+        return
+    levels = np.array([[6, 7], [3, 4], [2, 2], [1, 1]], dtype=np.int64)
+    value, shapes, starts, loc, attn = make_problem(N=2, Lq=5, distribution="uniform", dtype=np.float64,
+                                                    seed=3, levels=levels)
+    loc = loc * 1.6 - 0.3
+    rt = HostRuntime(ROOT / "build" / "tune_host_check")
+    rows = ["| dtype | layout | fwd max rel err | bwd max rel err (dV, dloc, dA) |", "|---|---|---|---|"]
+    grad = np.random.default_rng(5).standard_normal((2, 5, 8 * 32))
+    want_f = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    want_b = ms_deform_attn_backward_reference(grad, value, shapes, starts, loc, attn)
+    for dtype, itemsize in ((np.float32, 4), (np.float64, 8)):
+        v, lo, a, g = (x.astype(dtype) for x in (value, loc, attn, grad))
+        prob = _validate.check_problem(v, shapes, starts, lo, a, _validate.GPU_DTYPES)
+        for (J, G), label, _ in LAYOUTS[itemsize]:
+            try:
+                with knobs(layout=(J, G)):
+                    got_f = _cuda._forward(rt, prob, v, lo, a)
+                    got_b = _cuda._backward(rt, prob, g, v, lo, a)
+                ef = np.abs(got_f - want_f).max() / np.abs(want_f).max()
+                eb = [np.abs(x - w).max() / max(np.abs(w).max(), 1e-30) for x, w in zip(got_b, want_b)]
+                rows.append(f"| {np.dtype(dtype).name} | {label.split(':')[0]} | {ef:.1e} | "
+                            + ", ".join(f"{e:.1e}" for e in eb) + " |")
+            except Exception as exc:
+                rows.append(f"| {np.dtype(dtype).name} | {label.split(':')[0]} | {session.error('host check', exc)} | |")
+    session.section("Dry run: alternative layouts on the CPU host harness vs the float64 reference",
+                    "\n".join(rows))
+
+
+# ---- main ------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for tune_report.md and tune_results.json")
+    ap.add_argument("--repeat", type=int, default=100, help="timed runs per measurement (median; >= 100)")
+    ap.add_argument("--spin-us", type=float, default=500.0, help="spin kernel ahead of each timed call (us)")
+    ap.add_argument("--budget-s", type=float, default=230.0, help="start no new measurement after this many seconds")
+    ap.add_argument("--only", nargs="*", help="run only experiments whose name contains one of these")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ptxas", "baseline", "e2e", "experiments"])
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: fake timer, recording runtime")
+    ap.add_argument("--compile", action="store_true", help="with --dry-run: NVRTC-compile every recorded launch")
+    ap.add_argument("--host-check", action="store_true", help="with --dry-run: layouts on the CPU host harness")
+    ap.add_argument("--verbose", action="store_true", help="print tracebacks")
+    args = ap.parse_args(argv)
+    if args.repeat < 100 and not args.dry_run:
+        ap.error("--repeat must be >= 100 (median of >= 100 runs)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s = Session(args)
+    steps = [("device", s.device)]
+    if "ptxas" not in args.skip:
+        steps.append(("ptxas", s.ptxas))
+    if "baseline" not in args.skip:
+        steps.append(("baseline", s.baseline))
+    if "e2e" not in args.skip:
+        steps.append(("e2e", s.end_to_end))
+    if "experiments" not in args.skip:
+        steps.append(("experiments", s.run_experiments))
+    for name, fn in steps:
+        try:
+            fn()
+        except Exception as exc:
+            s.error(name, exc)
+            s.write()
+    if args.dry_run and args.compile:
+        dry_compile(s)
+    if args.dry_run and args.host_check:
+        try:
+            host_check(s)
+        except Exception as exc:
+            s.error("host check", exc)
+    s.results["meta"]["elapsed_s"] = s.elapsed()
+    s.write()
+    print(f"\nwrote {s.out / 'tune_report.md'} and tune_results.json in {s.elapsed():.0f} s; "
+          f"{len(s.results['errors'])} errors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
