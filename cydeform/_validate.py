@@ -11,6 +11,7 @@ P points per head and level.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,15 +76,31 @@ def dtype_name(dtype) -> str:
     return np.dtype(dtype).name
 
 
+@functools.lru_cache(maxsize=None)
+def _dtype_set(allowed):
+    """The np.dtype objects named in ``allowed`` (bfloat16 only if ml_dtypes is there)."""
+    dtypes = set()
+    for name in allowed:
+        if name == "bfloat16":
+            try:
+                import ml_dtypes
+            except ImportError:
+                continue
+            dtypes.add(np.dtype(ml_dtypes.bfloat16))
+        else:
+            dtypes.add(np.dtype(name))
+    return frozenset(dtypes)
+
+
 def check_floating(name, arr, allowed):
     """Check ``arr`` has a floating dtype among ``allowed`` names; return that dtype."""
     try:
         dt = arr.dtype
     except AttributeError:
         raise TypeError(f"{name} must be an array, got {type(arr).__name__}") from None
-    if dtype_name(dt) not in allowed:
+    if dt not in _dtype_set(allowed):
         raise TypeError(f"{name} must have a floating dtype among {', '.join(allowed)}; got dtype {dt}")
-    return np.dtype(dt)
+    return dt
 
 
 def check_ndim(name, arr, ndim, layout):
@@ -121,31 +138,17 @@ def check_problem(value, spatial_shapes, level_start_index, sampling_locations, 
     check_ndim("sampling_locations", sampling_locations, 6, "(N, Lq, M, L, P, 2)")
     check_ndim("attention_weights", attention_weights, 5, "(N, Lq, M, L, P)")
 
-    shapes = _host_int_array("spatial_shapes", spatial_shapes, 2, "(L, 2)")
-    if shapes.shape[1] != 2 or shapes.shape[0] < 1:
-        raise ValueError(f"spatial_shapes must have shape (L, 2) with L >= 1, rows (H_l, W_l); got shape {shapes.shape}")
-    if (shapes <= 0).any():
-        bad = int(np.argmax((shapes <= 0).any(axis=1)))
-        raise ValueError(f"spatial_shapes must hold positive (H, W); level {bad} is {tuple(int(v) for v in shapes[bad])}")
-    L = shapes.shape[0]
-
     N, S, M, D = (int(v) for v in value.shape)
     if min(N, S, M, D) < 1:
         raise ValueError(f"value must have non-empty axes (N, S, M, D); got shape {tuple(value.shape)}")
-    sizes = shapes[:, 0] * shapes[:, 1]
-    if int(sizes.sum()) != S:
+    shapes, starts = _level_geometry(spatial_shapes, level_start_index)
+    L = shapes.shape[0]
+    total = int(starts[-1] + shapes[-1, 0] * shapes[-1, 1])
+    if total != S:
         raise ValueError(
             f"value has S = {S} positions (axis 1) but spatial_shapes describe "
-            f"sum(H_l * W_l) = {int(sizes.sum())}"
+            f"sum(H_l * W_l) = {total}"
         )
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    if level_start_index is not None:
-        given = _host_int_array("level_start_index", level_start_index, 1, "(L,)")
-        if given.shape != (L,) or not np.array_equal(given, starts):
-            raise ValueError(
-                f"level_start_index must be the offsets of the levels in S implied by spatial_shapes, "
-                f"{starts.tolist()}; got {given.tolist()}"
-            )
 
     loc_shape = tuple(int(v) for v in sampling_locations.shape)
     Nl, Lq, Ml, Ll, P, two = loc_shape
@@ -163,6 +166,52 @@ def check_problem(value, spatial_shapes, level_start_index, sampling_locations, 
             f"sampling_locations {loc_shape}; got {w_shape}"
         )
     return Problem(N, S, M, D, Lq, L, P, dt, shapes, starts)
+
+
+def _level_geometry(spatial_shapes, level_start_index):
+    """Checked (spatial_shapes, level_start_index) as read-only host int64 arrays.
+
+    Memoised on the NumPy inputs' bytes: a decoder calls the op with the same pyramid
+    every time, and this keeps the per-call host cost of validation low.
+    """
+    if isinstance(spatial_shapes, np.ndarray) and (level_start_index is None
+                                                   or isinstance(level_start_index, np.ndarray)):
+        key = (spatial_shapes.dtype.str, spatial_shapes.shape, spatial_shapes.tobytes(),
+               None if level_start_index is None else
+               (level_start_index.dtype.str, level_start_index.shape, level_start_index.tobytes()))
+        cached = _LEVEL_CACHE.get(key)
+        if cached is None:
+            cached = _compute_level_geometry(spatial_shapes, level_start_index)
+            if len(_LEVEL_CACHE) >= 64:
+                _LEVEL_CACHE.clear()
+            _LEVEL_CACHE[key] = cached
+        return cached
+    return _compute_level_geometry(spatial_shapes, level_start_index)
+
+
+_LEVEL_CACHE: dict = {}
+
+
+def _compute_level_geometry(spatial_shapes, level_start_index):
+    shapes = _host_int_array("spatial_shapes", spatial_shapes, 2, "(L, 2)")
+    if shapes.shape[1] != 2 or shapes.shape[0] < 1:
+        raise ValueError(f"spatial_shapes must have shape (L, 2) with L >= 1, rows (H_l, W_l); got shape {shapes.shape}")
+    if (shapes <= 0).any():
+        bad = int(np.argmax((shapes <= 0).any(axis=1)))
+        raise ValueError(f"spatial_shapes must hold positive (H, W); level {bad} is {tuple(int(v) for v in shapes[bad])}")
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    if level_start_index is not None:
+        given = _host_int_array("level_start_index", level_start_index, 1, "(L,)")
+        if given.shape != starts.shape or not np.array_equal(given, starts):
+            raise ValueError(
+                f"level_start_index must be the offsets of the levels in S implied by spatial_shapes, "
+                f"{starts.tolist()}; got {given.tolist()}"
+            )
+    shapes = np.ascontiguousarray(shapes)
+    shapes.flags.writeable = False
+    starts.flags.writeable = False
+    return shapes, starts
 
 
 def _agree(name, shape, axis_name, axis, expected, source):
