@@ -122,9 +122,11 @@ def torch_reference():
 
 
 def run_cpu(args):
+    from . import _cpu
+
     ref = None if args.no_torch else torch_reference()
-    print(f"# cydeform {cydeform.__version__} CPU benchmark: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} logical cores, numpy {np.__version__}"
+    print(f"# cydeform {cydeform.__version__} CPU benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, "
+          f"'{_cpu.isa}' build, numpy {np.__version__}"
           + (f", torch {ref[0].__version__}" if ref else ", torch not importable (no ratio)"))
     print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()")
     header = "| call | locations | dtype | threads | pass | cydeform ms | GB/s | torch ms | speed-up |"
@@ -155,6 +157,17 @@ def run_cpu(args):
                         ratio = f"{tt / t:.1f}x" if tt else "-"
                         print(f"| {call} | {dist} | {dtype} | {threads} | {name} | {t * 1e3:.2f}{extra} | {gbs:.1f} "
                               f"| {torch_ms} | {ratio} |", flush=True)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat):

@@ -363,9 +363,16 @@ cdef enum:
     _QUERY_CHUNKS = 2
 
 
-def query_chunks(Py_ssize_t N, Py_ssize_t Lq, int64_t work):
-    """Internal: how many query chunks (grad_value buffers) the backward uses."""
-    return _QUERY_CHUNKS if N == 1 and Lq >= 2 * _QUERY_CHUNKS and work >= _min_parallel_work else 1
+def query_chunks(Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, int64_t work):
+    """Internal: how many query chunks (grad_value buffers) the backward uses.
+
+    Only for one image with many samples per value position (the encoder call has 16):
+    the extra buffer costs a pass over S*M*D, which a decoder call (300 queries) would
+    not earn back.
+    """
+    if N == 1 and Lq >= 2 * _QUERY_CHUNKS and Lq * L * P >= 4 * S and work >= _min_parallel_work:
+        return _QUERY_CHUNKS
+    return 1
 
 
 cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
@@ -413,7 +420,7 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn)."""
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    K = query_chunks(N, Lq, N * Lq * M * L * P * D)
+    K = query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D)
     # Zeroed here, not lazily by calloc, so the threads do not take the first-touch page
     # faults of the same pages together mid-loop.
     grad_value = np.empty(value.shape, dtype=value.dtype)

@@ -243,3 +243,27 @@ def test_point_exactly_at_x_minus_one_has_the_one_sided_gradient_of_the_oracle()
     assert got[1][0, 0, 0, 0, 0, 0] == expected[1][0, 0, 0, 0, 0, 0] == 2 * 3.0  # W * V[0, 0]
     for a, e in zip(got, expected):
         np.testing.assert_array_equal(a, e)
+
+
+def test_chunked_backward_matches_oracle_and_is_thread_invariant(restore_threads):
+    """One image with many samples per value position: the backward splits the queries
+    into chunks with their own grad_value buffers (asserted), summed in a fixed order."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(7)
+    shapes = np.array([[3, 4], [2, 2]])
+    N, S, M, D, Lq, L, P = 1, 16, 3, 9, 64, 2, 2
+    assert _cpu._impl.query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D) > 1
+    value = rng.standard_normal((N, S, M, D))
+    loc = rng.uniform(-0.2, 1.2, (N, Lq, M, L, P, 2))
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P))
+    g = rng.standard_normal((N, Lq, M * D))
+    expected = ms_deform_attn_backward_reference(g, value, shapes, None, loc, attn)
+    results = []
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        results.append(cydeform.ms_deform_attn_backward(g, value, shapes, None, loc, attn))
+    for got in results:
+        for a, b, e in zip(got, results[0], expected):
+            assert a.tobytes() == b.tobytes()
+            np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
