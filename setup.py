@@ -1,7 +1,7 @@
 """Build the Cython CPU backend (cydeform._cpu_*), with OpenMP where the compiler has it.
 
 Without OpenMP the same code builds single-threaded and gives identical numbers:
-every parallel loop in src/_cpu.pyx writes disjoint outputs in a fixed order.
+every parallel loop in src/_cpu_impl.pxi writes disjoint outputs in a fixed order.
 """
 import os
 import platform

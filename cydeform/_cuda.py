@@ -263,6 +263,9 @@ def _acc_dtype(prob):
 
 
 def _i32(v):
+    if not -2**31 <= v < 2**31:
+        raise ValueError(f"a size of {v} is too large for the CUDA kernels' 32-bit size arguments "
+                         f"(S, M, D, Lq, L and P must each be below 2**31)")
     return np.int32(v)
 
 

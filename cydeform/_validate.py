@@ -54,8 +54,8 @@ def array_module(*arrays):
         gpu = [n for n, g in zip(names, on_gpu) if g]
         cpu = [n for n, g in zip(names, on_gpu) if not g]
         raise TypeError(
-            f"{', '.join(gpu)} are CuPy arrays but {', '.join(cpu)} are not: "
-            "pass all floating inputs as NumPy arrays or all as CuPy arrays on one device"
+            f"CuPy arrays: {', '.join(gpu)}; not CuPy arrays: {', '.join(cpu)}. "
+            "Pass all floating inputs as NumPy arrays or all as CuPy arrays on one device"
         )
     import cupy
 
@@ -143,7 +143,7 @@ def check_problem(value, spatial_shapes, level_start_index, sampling_locations, 
         raise ValueError(f"value must have non-empty axes (N, S, M, D); got shape {tuple(value.shape)}")
     shapes, starts = _level_geometry(spatial_shapes, level_start_index)
     L = shapes.shape[0]
-    total = int(starts[-1] + shapes[-1, 0] * shapes[-1, 1])
+    total = int(starts[-1]) + int(shapes[-1, 0]) * int(shapes[-1, 1])
     if total != S:
         raise ValueError(
             f"value has S = {S} positions (axis 1) but spatial_shapes describe "
@@ -199,8 +199,15 @@ def _compute_level_geometry(spatial_shapes, level_start_index):
     if (shapes <= 0).any():
         bad = int(np.argmax((shapes <= 0).any(axis=1)))
         raise ValueError(f"spatial_shapes must hold positive (H, W); level {bad} is {tuple(int(v) for v in shapes[bad])}")
-    sizes = shapes[:, 0] * shapes[:, 1]
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    # Python ints: H*W and their sum cannot wrap around (2**61 * 8 would wrap to 0 in int64).
+    sizes = [int(h) * int(w) for h, w in shapes.tolist()]
+    offsets = [0]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    if offsets[-1] + sizes[-1] > 2**62:
+        raise ValueError(f"spatial_shapes describe sum(H_l * W_l) = {offsets[-1] + sizes[-1]} positions; "
+                         f"more than any array can hold")
+    starts = np.array(offsets, dtype=np.int64)
     if level_start_index is not None:
         given = _host_int_array("level_start_index", level_start_index, 1, "(L,)")
         if given.shape != starts.shape or not np.array_equal(given, starts):

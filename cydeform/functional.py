@@ -13,14 +13,22 @@ from . import _validate
 __all__ = ["ms_deform_attn", "ms_deform_attn_backward"]
 
 
+def _native_byte_order(a):
+    """A copy in native byte order if ``a`` is floating and byte-swapped; else ``a``."""
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     xp = _validate.array_module(
         ("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)
     )
     if xp is np:
-        # Array-likes are accepted on the CPU; nothing is modified in place.
+        # Array-likes and non-native byte order are accepted on the CPU (converted, never
+        # modified in place).
         value, sampling_locations, attention_weights = (
-            a if isinstance(a, np.ndarray) else np.asarray(a)
+            _native_byte_order(a if isinstance(a, np.ndarray) else np.asarray(a))
             for a in (value, sampling_locations, attention_weights)
         )
     allowed = _validate.CPU_DTYPES if xp is np else _validate.GPU_DTYPES
@@ -96,11 +104,9 @@ def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_inde
     if xp is np:
         if not isinstance(grad_output, np.ndarray) and not _validate._is_cupy(grad_output):
             grad_output = np.asarray(grad_output)
-    if _validate._is_cupy(grad_output) != (xp is not np):
-        raise TypeError(
-            f"grad_output must be a {'CuPy' if xp is not np else 'NumPy'} array like value; "
-            f"got {type(grad_output).__module__}.{type(grad_output).__name__}"
-        )
+        grad_output = _native_byte_order(grad_output)
+    # Same array module and device as the other floating inputs, or a named error.
+    _validate.array_module(("grad_output", grad_output), ("value", value))
     _validate.check_grad_output(grad_output, prob)
     if xp is np:
         from . import _cpu

@@ -14,7 +14,9 @@ Convention (``grid_sample(2*loc - 1, bilinear, zeros, align_corners=False)`` per
 Non-finite semantics: a point whose location is NaN or +-inf makes the output row of
 its (n, q, m) NaN; its own location and weight gradients are NaN and it adds nothing
 to grad_value. A finite location far outside the map touches no texel: it adds
-nothing to the output and has zero location and weight gradients.
+nothing to the output and has exactly zero location and weight gradients, whatever
+its attention weight or grad_output (NaN or inf included). Elsewhere non-finite
+weights, values and grad_output propagate by IEEE arithmetic.
 """
 from __future__ import annotations
 
@@ -125,6 +127,11 @@ def ms_deform_attn_backward_reference(grad_output, value, spatial_shapes, level_
             contrib = (w * A_l)[..., None] * g  # (N, Lq, M, P, D)
             sel = valid
             np.add.at(grad_value, (n_idx[sel], start + idx[sel], m_idx[sel]), contrib[sel])
+        # A point that touches no texel contributes a constant 0 (whatever its weight):
+        # exactly zero gradients, even where A or grad_output is not finite.
+        touches = np.any([valid for _, valid, _ in corners], axis=0)
+        grad_A[:, :, :, l][~touches] = 0.0
+        grad_loc[:, :, :, l][~touches] = 0.0
         nonfinite = ~finite
         grad_A[:, :, :, l][nonfinite] = np.nan
         grad_loc[:, :, :, l][nonfinite] = np.nan

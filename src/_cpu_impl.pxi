@@ -46,11 +46,14 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     static int cyd_max_threads(void) { return omp_get_max_threads(); }
+    static int cyd_have_openmp(void) { return 1; }
     #else
     static int cyd_max_threads(void) { return 1; }
+    static int cyd_have_openmp(void) { return 0; }
     #endif
     """
     int cyd_max_threads() noexcept nogil
+    int cyd_have_openmp() noexcept nogil
     int cyd_cpu_supports_avx2() noexcept nogil
     int cyd_cpu_supports_avx512() noexcept nogil
 
@@ -90,6 +93,9 @@ def set_num_threads(int n):
 
 
 def get_num_threads():
+    """Threads the parallel loops use: 1 in a build without OpenMP."""
+    if not cyd_have_openmp():
+        return 1
     return _num_threads if _num_threads > 0 else cyd_max_threads()
 
 

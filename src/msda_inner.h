@@ -15,6 +15,10 @@
 
 #include <stddef.h>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict  /* MSVC's C mode spells C99 restrict this way */
+#endif
+
 #define CYD_LANES 8
 
 /* Ask for a corner row (up to 128 bytes) before the accumulation needs it. */

@@ -38,12 +38,12 @@ def push_off_kinks(loc, shapes, margin):
 
 @st.composite
 def problems(draw, dtype=np.float64, max_side=6, loc_low=-0.5, loc_high=1.5, nonfinite=False,
-             kink_margin=None, max_batch=2):
+             kink_margin=None, max_batch=2, min_queries=1, max_queries=5):
     """Random valid MSDA inputs, including L=1, P=1, D=1, odd D, 1x1 levels and H != W."""
     N = draw(st.integers(1, max_batch))
     M = draw(st.integers(1, 3))
     D = draw(st.sampled_from(D_VALUES))
-    Lq = draw(st.integers(1, 5))
+    Lq = draw(st.integers(min_queries, max_queries))
     L = draw(st.integers(1, 3))
     P = draw(st.integers(1, 3))
     shapes = np.array([[draw(st.integers(1, max_side)), draw(st.integers(1, max_side))] for _ in range(L)],

@@ -365,3 +365,25 @@ def test_harness_rejects_shuffles_a_gpu_would_not_run(rt, kernel):
     out = np.empty(300, np.float32)
     with pytest.raises(HarnessError):
         rt.launch(kernel, 300, (out, np.int64(300)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_points_outside_the_map_ignore_nonfinite_weights_and_grad_output(rt, dtype):
+    """A point outside the map has exactly zero gradients even with a NaN weight or in a
+    row whose grad_output is NaN; everything matches the CPU backend."""
+    rng = np.random.default_rng(11)
+    p = _random_problem(rng, dtype, 1, 4, 2, 8, 2, [(3, 4), (2, 2)])
+    loc, attn = p["sampling_locations"], p["attention_weights"]
+    loc[0, 0, 0, 0, 0] = (5.0, 0.5)          # outside the map ...
+    attn[0, 0, 0, 0, 0] = np.nan              # ... with a NaN weight
+    loc[0, 1, 1, 1, 1] = (-3.0, 0.5)         # outside, in row (0, 1, 1) whose grad_output is NaN
+    grad = grad_output_for(p)
+    grad[0, 1, 8:] = np.nan
+    cpu_grads = cydeform.ms_deform_attn_backward(grad, *args(p))
+    for mode in MODES:
+        out, grads = run(rt, p, grad, mode)
+        assert grads[1][0, 0, 0, 0, 0].tolist() == [0.0, 0.0] and grads[2][0, 0, 0, 0, 0] == 0, mode
+        assert grads[1][0, 1, 1, 1, 1].tolist() == [0.0, 0.0] and grads[2][0, 1, 1, 1, 1] == 0, mode
+        assert_matches(out, cydeform.ms_deform_attn(*args(p)), RTOL[dtype], "output")
+        for name, a, b in zip(("grad_value", "grad_loc", "grad_attn"), grads, cpu_grads):
+            assert_matches(a, b, RTOL[dtype], f"{mode} {name}")

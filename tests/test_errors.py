@@ -109,3 +109,59 @@ def test_bad_grad_output(grad_output, exc, match):
 def test_backward_validates_the_forward_arguments_too():
     with pytest.raises(ValueError, match=r"value has S = 9"):
         call_backward(np.zeros((N, Lq, M * D)), value=np.zeros((N, S + 1, M, D)))
+
+
+def test_sizes_that_overflow_int64_are_refused_not_wrapped():
+    # 2**61 * 8 wraps to 0 in int64 arithmetic, which would make S look like 1.
+    with pytest.raises(ValueError, match=r"spatial_shapes describe sum\(H_l \* W_l\) = \d+"):
+        cydeform.ms_deform_attn(np.zeros((1, 1, 1, 4)), np.array([[2**61, 8], [1, 1]]), None,
+                                np.full((1, 1, 1, 2, 1, 2), 0.5), np.ones((1, 1, 1, 2, 1)))
+
+
+class FakeCupyArray:
+    """Looks like a CuPy array to the dispatcher (module name and a device), no GPU needed."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, like, device_id=0):
+        self._a = like
+        self.device = type("Device", (), {"id": device_id})()
+        self.dtype, self.shape, self.ndim = like.dtype, like.shape, like.ndim
+
+
+@pytest.mark.parametrize("which", ["value", "sampling_locations", "attention_weights"])
+def test_numpy_and_cupy_inputs_cannot_be_mixed(which):
+    kw = good()
+    kw[which] = FakeCupyArray(kw[which])
+    with pytest.raises(TypeError, match=rf"CuPy arrays: {which}; not CuPy arrays: "):
+        call(**kw)
+
+
+def test_grad_output_must_live_where_the_inputs_live():
+    with pytest.raises(TypeError, match=r"CuPy arrays: grad_output; not CuPy arrays: value"):
+        call_backward(FakeCupyArray(np.zeros((N, Lq, M * D))))
+
+
+def test_byte_swapped_inputs_are_accepted_and_give_the_same_result():
+    kw = good()
+    swapped = {k: (v.astype(v.dtype.newbyteorder(">")) if v.dtype.kind == "f" else v) for k, v in kw.items()}
+    assert not swapped["value"].dtype.isnative
+    np.testing.assert_array_equal(call(**swapped), call(**kw))
+    g = RNG.standard_normal((N, Lq, M * D))
+    for a, b in zip(call_backward(g.astype(">f8"), **swapped), call_backward(g, **kw)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", 2**31])
+def test_thread_count_must_be_a_sane_integer(bad):
+    with pytest.raises(ValueError, match="set_num_threads expects an integer from 1 to"):
+        cydeform.set_num_threads(bad)
+
+
+def test_thread_count_accepts_numpy_integers():
+    before = cydeform.get_num_threads()
+    try:
+        cydeform.set_num_threads(np.int64(1))
+        assert cydeform.get_num_threads() == 1
+    finally:
+        cydeform.set_num_threads(before)

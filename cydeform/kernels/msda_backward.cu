@@ -132,9 +132,11 @@ __global__ void msda_backward(
                 part_y = group_sum(part_y, G);
                 if (active && lane == 0) {
                     const Index o = nqm * (L * P) + k;
-                    grad_attn[o] = Conv<T>::store(s.finite ? part_a : cyd_nan(A()));
-                    grad_loc[2 * o] = Conv<T>::store(s.finite ? (A)W * a * part_x : cyd_nan(A()));
-                    grad_loc[2 * o + 1] = Conv<T>::store(s.finite ? (A)H * a * part_y : cyd_nan(A()));
+                    // A point that touches no texel contributes a constant 0: its gradients
+                    // are exactly 0, whatever its weight (even NaN) or grad_output.
+                    grad_attn[o] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? part_a : (A)0);
+                    grad_loc[2 * o] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)W * a * part_x : (A)0);
+                    grad_loc[2 * o + 1] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)H * a * part_y : (A)0);
                 }
             }
         }
@@ -189,9 +191,9 @@ __global__ void msda_backward_baseline(
                 if (y1ok && x1ok) atomicAdd(grad_value + vrow + (r00 + W + 1) * MD + d, s.ly * s.lx * a * g);
             }
         }
-        grad_attn[k] = Conv<T>::store(s.finite ? sum_a : cyd_nan(A()));
-        grad_loc[2 * k] = Conv<T>::store(s.finite ? (A)W * a * sum_x : cyd_nan(A()));
-        grad_loc[2 * k + 1] = Conv<T>::store(s.finite ? (A)H * a * sum_y : cyd_nan(A()));
+        grad_attn[k] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? sum_a : (A)0);
+        grad_loc[2 * k] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)W * a * sum_x : (A)0);
+        grad_loc[2 * k + 1] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)H * a * sum_y : (A)0);
     }
 }
 
@@ -270,7 +272,7 @@ __global__ void msda_grad_value_gather(
     const T* __restrict__ loc,               // (N, Lq, M, L, P, 2)
     const T* __restrict__ attn,              // (N, Lq, M, L, P)
     const long long* __restrict__ order,     // (N*Lq*M*L*P,)
-    const long long* __restrict__ seg_start, // (N*cells*M + 1,)
+    const long long* __restrict__ seg_start, // (n_keys + 2,)
     T* __restrict__ grad_value,              // (N, S, M, D)
     int S, int M, int D, int L, int P, long long cells, int log2G, long long total_threads) {
     typedef typename AccOf<T>::type A;

@@ -23,7 +23,7 @@ from cydeform import _cuda
 
 HERE = Path(__file__).parent
 COMPAT_HEADER = HERE / "cuda_host_compat.h"
-# -O1 keeps the build short; -ffp-contract=off gives GPU-like single roundings (no
+# -O0 keeps the build short; -ffp-contract=off gives GPU-like single roundings (no
 # implicit FMA, so cell selection matches the float64 reference bit for bit).
 CXXFLAGS = ["-std=c++17", "-O0", "-fPIC", "-shared", "-ffp-contract=off", "-w"]
 
