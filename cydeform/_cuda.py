@@ -134,12 +134,24 @@ def index_ctype(prob, index64: bool | None = None) -> str:
 
 
 def level_table(prob) -> np.ndarray:
-    """(L, 4) int64 rows (H_l, W_l, start_l, cell_start_l); cells of level l: (H_l+1)(W_l+1)."""
-    shapes = prob.spatial_shapes
+    """(L, 4) int64 rows (H_l, W_l, start_l, cell_start_l); cells of level l: (H_l+1)(W_l+1).
+
+    Read-only and memoised per pyramid: building it cost more host time than the
+    decoder call's kernel.
+    """
+    return _level_table(prob.spatial_shapes.tobytes(), prob.level_start_index.tobytes())
+
+
+@functools.lru_cache(maxsize=256)
+def _level_table(shapes_bytes: bytes, starts_bytes: bytes) -> np.ndarray:
+    shapes = np.frombuffer(shapes_bytes, dtype=np.int64).reshape(-1, 2)
     cells = (shapes[:, 0] + 1) * (shapes[:, 1] + 1)
     cell_start = np.concatenate(([0], np.cumsum(cells)[:-1]))
-    return np.ascontiguousarray(
-        np.stack([shapes[:, 0], shapes[:, 1], prob.level_start_index, cell_start], axis=1), dtype=np.int64)
+    table = np.ascontiguousarray(
+        np.stack([shapes[:, 0], shapes[:, 1], np.frombuffer(starts_bytes, dtype=np.int64), cell_start], axis=1),
+        dtype=np.int64)
+    table.flags.writeable = False
+    return table
 
 
 def _num_cells(prob) -> int:
@@ -151,6 +163,7 @@ def _key_dtype(prob):
     return (np.int32, "int") if n_keys < INT32_MAX else (np.int64, "long long")
 
 
+@functools.lru_cache(maxsize=1024)
 def _expr(kernel: str, *targs) -> str:
     def fmt(a):
         return ("true" if a else "false") if isinstance(a, bool) else str(a)
@@ -158,7 +171,10 @@ def _expr(kernel: str, *targs) -> str:
 
 
 def _ctype(prob) -> str:
-    return _CTYPE[_validate.dtype_name(prob.dtype)]
+    return _CTYPE_OF_DTYPE.get(prob.dtype) or _CTYPE[_validate.dtype_name(prob.dtype)]
+
+
+_CTYPE_OF_DTYPE = {np.dtype(name): c for name, c in _CTYPE.items() if name != "bfloat16"}
 
 
 def _fast_expr(kernel, prob, index, lay, *extra):
@@ -210,11 +226,13 @@ def _cupy_function(expr: str, device_id: int):
 
 
 @functools.lru_cache(maxsize=256)
-def _device_levels(table_bytes: bytes, L: int, device_id: int):
+def _device_levels(pyramid_bytes: bytes, L: int, device_id: int):
+    """The level table of a pyramid (spatial_shapes bytes + level_start_index bytes) on a device."""
     import cupy
 
+    table = _level_table(pyramid_bytes[:16 * L], pyramid_bytes[16 * L:])
     with cupy.cuda.Device(device_id):
-        arr = cupy.asarray(np.frombuffer(table_bytes, dtype=np.int64).reshape(L, 4))
+        arr = cupy.asarray(table)
         # Cached arrays may be used later on other streams: finish the upload now.
         cupy.cuda.get_current_stream().synchronize()
     return arr
@@ -237,7 +255,8 @@ class CupyRuntime:
         return a.data.ptr
 
     def levels(self, prob):
-        return _device_levels(level_table(prob).tobytes(), prob.L, self.device_id)
+        return _device_levels(prob.spatial_shapes.tobytes() + prob.level_start_index.tobytes(),
+                              prob.L, self.device_id)
 
     @staticmethod
     def argsort_stable(keys):
