@@ -165,3 +165,13 @@ def test_thread_count_accepts_numpy_integers():
         assert cydeform.get_num_threads() == 1
     finally:
         cydeform.set_num_threads(before)
+
+
+def test_importing_cydeform_does_not_import_cupy():
+    """CuPy (and a GPU) are needed only when CuPy arrays are passed."""
+    import subprocess
+    import sys
+
+    code = "import sys, cydeform, cydeform.nn; print('cupy' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
