@@ -13,6 +13,8 @@ Kernels (see docs/cuda.md):
   accumulation, warp-shuffle reductions. Compile-time L, P, D, G when the shape allows
   (D a multiple of the vector width, L <= 8, P <= 16, D <= 1024); a runtime-size
   generic variant otherwise.
+* ``msda_forward_shared``: ``msda_forward`` with the geometry split over the lanes of a
+  group and broadcast by shuffles (bit-identical; a tuning experiment until measured).
 * ``msda_forward_baseline`` / ``msda_backward_baseline``: the simplest correct kernels
   (one thread per output element; one thread per point), for benchmarks.
 * ``msda_cell_keys`` + ``msda_grad_value_gather``: the deterministic grad_value.
@@ -189,6 +191,7 @@ def kernel_expressions(prob, *, aligned: bool = True, specialize: bool = True, i
     lay = channel_layout(prob, aligned, specialize)
     exprs = [
         _fast_expr("msda_forward", prob, index, lay),
+        _fast_expr("msda_forward_shared", prob, index, lay),
         _expr("msda_forward_baseline", T, index),
         _fast_expr("msda_backward", prob, index, lay, True),
         _fast_expr("msda_backward", prob, index, lay, False),
@@ -304,11 +307,12 @@ def _forward(rt, prob, value, loc, attn, *, variant="fast", specialize=True, ind
         rt.launch(_expr("msda_forward_baseline", _ctype(prob), index), total,
                   (value, levels, loc, attn, out, _i32(S), _i32(M), _i32(D), _i32(Lq), _i32(L), _i32(P), _i64(total)))
         return out
-    if variant != "fast":
-        raise ValueError(f"variant must be 'fast' or 'baseline'; got {variant!r}")
+    if variant not in ("fast", "shared"):
+        raise ValueError(f"variant must be 'fast', 'shared' or 'baseline'; got {variant!r}")
     lay = channel_layout(prob, _aligned(rt, value, out), specialize)
     total = N * Lq * M * lay.G
-    rt.launch(_fast_expr("msda_forward", prob, index, lay), total,
+    kernel = "msda_forward_shared" if variant == "shared" else "msda_forward"
+    rt.launch(_fast_expr(kernel, prob, index, lay), total,
               (value, levels, loc, attn, out, _i32(S), _i32(M), _i32(D), _i32(Lq), _i32(L), _i32(P),
                _i32(lay.log2G), _i64(total)))
     return out
@@ -396,8 +400,10 @@ def forward(prob, value, sampling_locations, attention_weights, *, variant="fast
     sampling_locations : cupy array (N, Lq, M, L, P, 2)
     attention_weights : cupy array (N, Lq, M, L, P)
         One dtype among float32, float64, float16, bfloat16; any strides.
-    variant : {'fast', 'baseline'}
-        Internal: 'baseline' runs the one-thread-per-output-element kernel (benchmarks).
+    variant : {'fast', 'shared', 'baseline'}
+        Internal: 'baseline' runs the one-thread-per-output-element kernel (benchmarks);
+        'shared' the fast kernel whose lanes share each point's geometry by shuffles
+        (a tuning experiment, bit-identical to 'fast').
 
     Returns
     -------

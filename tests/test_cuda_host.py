@@ -387,3 +387,33 @@ def test_points_outside_the_map_ignore_nonfinite_weights_and_grad_output(rt, dty
         assert_matches(out, cydeform.ms_deform_attn(*args(p)), RTOL[dtype], "output")
         for name, a, b in zip(("grad_value", "grad_loc", "grad_attn"), grads, cpu_grads):
             assert_matches(a, b, RTOL[dtype], f"{mode} {name}")
+
+
+def _shared_equals_fast(rt, p, **kw):
+    prob = _problem_of(p)
+    value, _, _, loc, attn = args(p)
+    rt.launched.clear()
+    fast = _cuda._forward(rt, prob, value, loc, attn, variant="fast", **kw)
+    shared = _cuda._forward(rt, prob, value, loc, attn, variant="shared", **kw)
+    assert rt.launched[1].startswith("msda_forward_shared<")
+    assert fast.tobytes() == shared.tobytes()
+
+
+@given(data=st.data(), dtype=st.sampled_from([np.float32, np.float64]), index64=st.booleans(),
+       nonfinite=st.booleans())
+def test_shared_geometry_forward_equals_fast_forward(rt, data, dtype, index64, nonfinite):
+    """The lanes of a group split the points and broadcast their geometry by shuffles:
+    bit-identical to every lane computing every point (runtime sizes, tail lanes, L*P
+    not a multiple of G, non-finite locations)."""
+    _shared_equals_fast(rt, data.draw(problems(dtype=dtype, nonfinite=nonfinite)), specialize=False, index64=index64)
+
+
+@pytest.mark.parametrize("L,P,D", SPECIALISED)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=5)
+@given(data=st.data(), nonfinite=st.booleans())
+def test_shared_geometry_forward_equals_fast_forward_specialised(rt, L, P, D, dtype, data, nonfinite):
+    N, Lq, M = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3))
+    sides = [(data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))) for _ in range(L)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    _shared_equals_fast(rt, _random_problem(rng, dtype, N, Lq, M, D, P, sides, nonfinite))

@@ -112,6 +112,19 @@ def test_public_api_compile_time_kernels(dtype, L, P, D):
             assert_matches(a, b, 1e-12, name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64] + HALF_TYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("L,P,D,specialize", [(4, 4, 32, True), (3, 2, 48, True), (2, 3, 9, False), (1, 1, 4, False)])
+def test_shared_geometry_forward_is_bit_identical_to_fast(dtype, L, P, D, specialize):
+    """The tuning variant msda_forward_shared (lanes broadcast geometry by shuffles)."""
+    rng = np.random.default_rng(L * 100 + P * 10 + D)
+    p = to_gpu(random_problem(rng, dtype, 2, 37, 3, D, P, [(9, 13), (5, 7), (3, 4), (2, 2)][:L], nonfinite=True))
+    prob = _validate.check_problem(*args(p), allowed_dtypes=_validate.GPU_DTYPES)
+    value, _, _, loc, attn = args(p)
+    fast = _cuda._forward(_cuda.CupyRuntime(), prob, value, loc, attn, variant="fast", specialize=specialize)
+    shared = _cuda._forward(_cuda.CupyRuntime(), prob, value, loc, attn, variant="shared", specialize=specialize)
+    assert cupy.asnumpy(fast).tobytes() == cupy.asnumpy(shared).tobytes()
+
+
 def random_problem(rng, dtype, N, Lq, M, D, P, sides, nonfinite=False):
     shapes = np.array(sides, dtype=np.int64)
     sizes = shapes[:, 0] * shapes[:, 1]

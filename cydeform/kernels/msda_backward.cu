@@ -65,7 +65,9 @@ __global__ void msda_backward(
             for (int p = 0; p < P; ++p) {
                 const int k = l * P + p;
                 const Sample<A> s = sample_geometry(Conv<T>::ldg(lp + 2 * k), Conv<T>::ldg(lp + 2 * k + 1), H, W);
-                const A a = Conv<T>::ldg(ap + k);
+                // A point that touches no texel contributes a constant 0: weight 0 keeps
+                // its gradients exactly 0 even when its real weight is NaN or infinite.
+                const A a = s.inside ? Conv<T>::ldg(ap + k) : (A)0;
                 A part_a = 0, part_x = 0, part_y = 0;
                 if (s.inside) {  // uniform across the group; no shuffles inside
                     const A w00 = s.hy * s.hx * a, w01 = s.hy * s.lx * a;
@@ -132,11 +134,9 @@ __global__ void msda_backward(
                 part_y = group_sum(part_y, G);
                 if (active && lane == 0) {
                     const Index o = nqm * (L * P) + k;
-                    // A point that touches no texel contributes a constant 0: its gradients
-                    // are exactly 0, whatever its weight (even NaN) or grad_output.
-                    grad_attn[o] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? part_a : (A)0);
-                    grad_loc[2 * o] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)W * a * part_x : (A)0);
-                    grad_loc[2 * o + 1] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)H * a * part_y : (A)0);
+                    grad_attn[o] = Conv<T>::store(s.finite ? part_a : cyd_nan(A()));
+                    grad_loc[2 * o] = Conv<T>::store(s.finite ? (A)W * a * part_x : cyd_nan(A()));
+                    grad_loc[2 * o + 1] = Conv<T>::store(s.finite ? (A)H * a * part_y : cyd_nan(A()));
                 }
             }
         }
@@ -169,7 +169,7 @@ __global__ void msda_backward_baseline(
         const int H = (int)levels[4 * l], W = (int)levels[4 * l + 1];
         const Index start = (Index)levels[4 * l + 2];
         const Sample<A> s = sample_geometry(Conv<T>::ldg(loc + 2 * k), Conv<T>::ldg(loc + 2 * k + 1), H, W);
-        const A a = Conv<T>::ldg(attn + k);
+        const A a = s.inside ? Conv<T>::ldg(attn + k) : (A)0;  // outside: exactly 0 gradients
         A sum_a = 0, sum_x = 0, sum_y = 0;
         if (s.inside) {
             const Index vrow = n * S * MD + (Index)m * D;
@@ -191,9 +191,9 @@ __global__ void msda_backward_baseline(
                 if (y1ok && x1ok) atomicAdd(grad_value + vrow + (r00 + W + 1) * MD + d, s.ly * s.lx * a * g);
             }
         }
-        grad_attn[k] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? sum_a : (A)0);
-        grad_loc[2 * k] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)W * a * sum_x : (A)0);
-        grad_loc[2 * k + 1] = Conv<T>::store(!s.finite ? cyd_nan(A()) : s.inside ? (A)H * a * sum_y : (A)0);
+        grad_attn[k] = Conv<T>::store(s.finite ? sum_a : cyd_nan(A()));
+        grad_loc[2 * k] = Conv<T>::store(s.finite ? (A)W * a * sum_x : cyd_nan(A()));
+        grad_loc[2 * k + 1] = Conv<T>::store(s.finite ? (A)H * a * sum_y : cyd_nan(A()));
     }
 }
 

@@ -190,6 +190,13 @@ __attribute__((noinline)) V __shfl_xor_sync(unsigned mask, V v, int lane_mask, i
 }
 
 template <typename V>
+__attribute__((noinline)) V __shfl_sync(unsigned mask, V v, int src_lane, int width = 32) {
+    const int lane = cyd_host::lane_id();
+    const int src = (lane & ~(width - 1)) | (src_lane & (width - 1));
+    return cyd_host::shuffle(mask, v, src, __builtin_return_address(0));
+}
+
+template <typename V>
 __attribute__((noinline)) V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = 32) {
     const int lane = cyd_host::lane_id();
     const int src = (lane % width) + (int)delta < width ? lane + (int)delta : lane;
