@@ -6,6 +6,47 @@
 // the map adds nothing. Semantics are those of cydeform.reference.
 #include "msda_common.cuh"
 
+// One point's contribution to a lane's channel chunks: chunk j holds the C channels at
+// d0 + (j*G + lane)*C. The four corner loads are issued before any arithmetic; a corner
+// outside the map reads as zero without touching memory. r00 is the row of corner
+// (y0, x0) in the head's value rows (may be < 0 when that corner is outside).
+template <typename T, int C, int J, bool VEC, typename A, typename Index>
+__device__ __forceinline__ void gather_point(A (&acc)[J][C], const T* __restrict__ vbase, Index r00, Index MD,
+                                             int W, bool x0ok, bool x1ok, bool y0ok, bool y1ok,
+                                             A w00, A w01, A w10, A w11, int d0, int G, int lane, int D) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int d = d0 + (j * G + lane) * C;
+        if (d >= D) continue;
+        const int cnt = D - d < C ? D - d : C;
+        A v00[C], v01[C], v10[C], v11[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) v00[c] = v01[c] = v10[c] = v11[c] = 0;
+        if (y0ok && x0ok) load_chunk<T, C, VEC>(vbase + r00 * MD + d, cnt, v00);
+        if (y0ok && x1ok) load_chunk<T, C, VEC>(vbase + (r00 + 1) * MD + d, cnt, v01);
+        if (y1ok && x0ok) load_chunk<T, C, VEC>(vbase + (r00 + W) * MD + d, cnt, v10);
+        if (y1ok && x1ok) load_chunk<T, C, VEC>(vbase + (r00 + W + 1) * MD + d, cnt, v11);
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+            acc[j][c] += w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c];
+    }
+}
+
+// Store a lane's channel chunks of one output row (NaN if a location was not finite).
+template <typename T, int C, int J, bool VEC, typename A>
+__device__ __forceinline__ void store_row(A (&acc)[J][C], T* __restrict__ op, bool finite, int d0, int G, int lane,
+                                          int D) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int d = d0 + (j * G + lane) * C;
+        if (d >= D) continue;
+        if (!finite)
+#pragma unroll
+            for (int c = 0; c < C; ++c) acc[j][c] = cyd_nan(A());
+        store_chunk<T, C, VEC>(op + d, D - d < C ? D - d : C, acc[j]);
+    }
+}
+
 // Fast forward. A group of G threads (G a power of two <= 32, aligned in the warp) owns
 // one (n, q, m). Lane g holds chunks j = 0..J-1 of C channels at d0 + (j*G + g)*C, so
 // the group's lanes read adjacent 16-byte pieces of a texel row. Each thread computes
@@ -65,35 +106,11 @@ __global__ void msda_forward(
                     const bool x0ok = s.x0 >= 0, x1ok = s.x0 + 1 < W;
                     const bool y0ok = s.y0 >= 0, y1ok = s.y0 + 1 < H;
                     const Index r00 = start + (Index)s.y0 * W + s.x0;  // row of corner (y0, x0); may be < 0
-#pragma unroll
-                    for (int j = 0; j < J; ++j) {
-                        const int d = d0 + (j * G + lane) * C;
-                        if (d >= D) continue;
-                        const int cnt = D - d < C ? D - d : C;
-                        A v00[C], v01[C], v10[C], v11[C];
-                        // Issue the four corner loads before any arithmetic; an outside
-                        // corner reads as zero without touching memory.
-#pragma unroll
-                        for (int c = 0; c < C; ++c) v00[c] = v01[c] = v10[c] = v11[c] = 0;
-                        if (y0ok && x0ok) load_chunk<T, C, VEC>(vbase + r00 * MD + d, cnt, v00);
-                        if (y0ok && x1ok) load_chunk<T, C, VEC>(vbase + (r00 + 1) * MD + d, cnt, v01);
-                        if (y1ok && x0ok) load_chunk<T, C, VEC>(vbase + (r00 + W) * MD + d, cnt, v10);
-                        if (y1ok && x1ok) load_chunk<T, C, VEC>(vbase + (r00 + W + 1) * MD + d, cnt, v11);
-#pragma unroll
-                        for (int c = 0; c < C; ++c)
-                            acc[j][c] += w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c];
-                    }
+                    gather_point<T, C, J, VEC>(acc, vbase, r00, MD, W, x0ok, x1ok, y0ok, y1ok,
+                                               w00, w01, w10, w11, d0, G, lane, D);
                 }
             }
-#pragma unroll
-            for (int j = 0; j < J; ++j) {
-                const int d = d0 + (j * G + lane) * C;
-                if (d >= D) continue;
-                if (!finite)
-#pragma unroll
-                    for (int c = 0; c < C; ++c) acc[j][c] = cyd_nan(A());
-                store_chunk<T, C, VEC>(op + d, D - d < C ? D - d : C, acc[j]);
-            }
+            store_row<T, C, J, VEC>(acc, op, finite, d0, G, lane, D);
         }
     }
 }
@@ -177,34 +194,11 @@ __global__ void msda_forward_shared(
                     const bool x0ok = x0 >= 0, x1ok = x0 + 1 < W;
                     const bool y0ok = y0 >= 0, y1ok = y0 + 1 < H;
                     const Index r00 = start + (Index)y0 * W + x0;
-#pragma unroll
-                    for (int j = 0; j < J; ++j) {
-                        const int d = d0 + (j * G + lane) * C;
-                        if (d >= D) continue;
-                        const int cnt = D - d < C ? D - d : C;
-                        A v00[C], v01[C], v10[C], v11[C];
-#pragma unroll
-                        for (int c = 0; c < C; ++c) v00[c] = v01[c] = v10[c] = v11[c] = 0;
-                        if (y0ok && x0ok) load_chunk<T, C, VEC>(vbase + r00 * MD + d, cnt, v00);
-                        if (y0ok && x1ok) load_chunk<T, C, VEC>(vbase + (r00 + 1) * MD + d, cnt, v01);
-                        if (y1ok && x0ok) load_chunk<T, C, VEC>(vbase + (r00 + W) * MD + d, cnt, v10);
-                        if (y1ok && x1ok) load_chunk<T, C, VEC>(vbase + (r00 + W + 1) * MD + d, cnt, v11);
-#pragma unroll
-                        for (int c = 0; c < C; ++c)
-                            acc[j][c] += w00 * v00[c] + w01 * v01[c] + w10 * v10[c] + w11 * v11[c];
-                    }
+                    gather_point<T, C, J, VEC>(acc, vbase, r00, MD, W, x0ok, x1ok, y0ok, y1ok,
+                                               w00, w01, w10, w11, d0, G, lane, D);
                 }
             }
-            if (!active) continue;
-#pragma unroll
-            for (int j = 0; j < J; ++j) {
-                const int d = d0 + (j * G + lane) * C;
-                if (d >= D) continue;
-                if (!finite)
-#pragma unroll
-                    for (int c = 0; c < C; ++c) acc[j][c] = cyd_nan(A());
-                store_chunk<T, C, VEC>(op + d, D - d < C ? D - d : C, acc[j]);
-            }
+            if (active) store_row<T, C, J, VEC>(acc, op, finite, d0, G, lane, D);
         }
     }
 }
