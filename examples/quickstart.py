@@ -73,7 +73,8 @@ if gpu_available():
     import cupy as cp
 
     args = (cp.asarray(value), spatial_shapes, None, cp.asarray(sampling_locations), cp.asarray(attention_weights))
-    print(f"GPU ({cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}) vs the CPU backend:")
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    print(f"GPU ({name.decode() if isinstance(name, bytes) else name}) vs the CPU backend:")
     check("output", cp.asnumpy(cydeform.ms_deform_attn(*args)), out.astype(np.float64), 1e-5)
     gpu_grads = cydeform.ms_deform_attn_backward(cp.asarray(grad_out), *args)
     for name, g, r in zip(("grad_value", "grad_sampling_locations", "grad_attention_weights"), gpu_grads, grads):
