@@ -257,8 +257,10 @@ def compile_variants(dtype):
                  _cuda._fast_expr("msda_backward", prob, index, lay, True),
                  _cuda._fast_expr("msda_backward", prob, index, lay, False)]
         out.append((f"layout {label.split(':')[0]}", fix(exprs), ()))
-    default = _cuda.kernel_expressions(prob)[:4]  # fast fwd, fwd baseline, bwd atomics, bwd no-dV
-    fast = [default[0], default[2], default[3]]
+    lay = _cuda.channel_layout(prob, True)
+    fast = [_cuda._fast_expr("msda_forward", prob, index, lay),
+            _cuda._fast_expr("msda_backward", prob, index, lay, True),
+            _cuda._fast_expr("msda_backward", prob, index, lay, False)]
     for cap, _ in REG_CAPS:
         out.append((f"--maxrregcount={cap}", fix(fast), (f"--maxrregcount={cap}",)))
     return out
@@ -412,12 +414,11 @@ class Session:
         prob, value, _, _, loc, attn, grad = self.get_inputs(call, dtype, dist)
         kw = dict(call_kw or {})
         rt = self.rt
+        variant = kw.pop("variant", "baseline" if mode == "baseline" else "fast")
         if direction == "fwd":
-            variant = kw.pop("variant", "baseline" if mode == "baseline" else "fast")
             return lambda: _cuda._forward(rt, prob, value, loc, attn, variant=variant, **kw)
         if mode == "det":
             return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, deterministic=True, **kw)
-        variant = "baseline" if mode == "baseline" else "fast"
         return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, variant=variant, **kw)
 
     def flush_fn(self):
@@ -703,8 +704,9 @@ class Session:
         from cupy.cuda import driver
 
         prob = self.get_inputs(call, dtype, dist)[0]
-        exprs = _cuda.kernel_expressions(prob)
-        expr = exprs[0] if direction == "fwd" else exprs[2]
+        index, lay = _cuda.index_ctype(prob), _cuda.channel_layout(prob, True)
+        expr = (_cuda._fast_expr("msda_forward", prob, index, lay) if direction == "fwd"
+                else _cuda._fast_expr("msda_backward", prob, index, lay, True))
         func = _cuda._cupy_function(expr, self.rt.device_id)
         attr = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
         driver.funcSetAttribute(func.ptr, attr, int(ex.carveout))

@@ -165,7 +165,7 @@ def _key_dtype(prob):
     return (np.int32, "int") if n_keys < INT32_MAX else (np.int64, "long long")
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024, typed=True)  # typed: True and 1 format differently
 def _expr(kernel: str, *targs) -> str:
     def fmt(a):
         return ("true" if a else "false") if isinstance(a, bool) else str(a)
@@ -191,7 +191,6 @@ def kernel_expressions(prob, *, aligned: bool = True, specialize: bool = True, i
     lay = channel_layout(prob, aligned, specialize)
     exprs = [
         _fast_expr("msda_forward", prob, index, lay),
-        _fast_expr("msda_forward_shared", prob, index, lay),
         _expr("msda_forward_baseline", T, index),
         _fast_expr("msda_backward", prob, index, lay, True),
         _fast_expr("msda_backward", prob, index, lay, False),
@@ -203,6 +202,7 @@ def kernel_expressions(prob, *, aligned: bool = True, specialize: bool = True, i
     exprs.append(_expr("msda_grad_value_gather", T, index, g.C, g.vec))
     if T in ("cyd_half", "cyd_bf16"):
         exprs.append(_expr("cast_from_float", T))
+    exprs.append(_fast_expr("msda_forward_shared", prob, index, lay))  # tuning variant
     return exprs
 
 

@@ -100,9 +100,10 @@ def get_num_threads():
 
 
 # Calls smaller than this many channel-samples (samples x D) run on one thread: waking
-# a thread team costs more than they take, and far more on a busy machine. Results do
-# not depend on the thread count, so this changes speed only. Tests lower it to 0 so
-# that small problems exercise the parallel paths.
+# a thread team costs more than they take, and far more on a busy machine. It also
+# gates the backward's query chunks (query_chunks), which set grad_value's summation
+# order; results never depend on the thread count. Tests lower it to 0 so that small
+# problems exercise the parallel and chunked paths.
 cdef int64_t _min_parallel_work = 1 << 18
 
 
