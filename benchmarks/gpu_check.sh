@@ -3,7 +3,7 @@
 #   1. build and install the project (editable, no build isolation),
 #   2. tests/test_gpu.py with a moderate hypothesis profile,
 #   3. compute-sanitizer memcheck on every kernel (benchmarks/sanitize_cases.py),
-#   4. the GPU benchmark (python -m cydeform.bench_gpu),
+#   4. the GPU benchmark (python -m cydeform.bench.gpu),
 # then writes benchmarks/results/<date>-<gpu-name>.md (and a copy to $OUT if set).
 # Each stage has a time limit so the script always finishes and reports.
 # Exit status: non-zero if the build, a test or the sanitizer failed.
@@ -49,7 +49,7 @@ else
 fi
 
 stage "benchmark"
-timeout 100 "$PY" -m cydeform.bench_gpu --repeat 100 2>&1 | tee "$LOGDIR/bench.log"
+timeout 100 "$PY" -m cydeform.bench.gpu --repeat 100 2>&1 | tee "$LOGDIR/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 mkdir -p benchmarks/results

@@ -42,7 +42,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from cydeform import _cuda, _validate  # noqa: E402
-from cydeform.bench import LEVELS, D, M, P  # noqa: E402
+from cydeform.bench.problems import LEVELS, D, M, P  # noqa: E402
 
 # ---- sm_90 occupancy (cuda_occupancy.h's arithmetic, Hopper limits) ----------------
 
@@ -103,7 +103,7 @@ def _np_dtype(name):
 
 def problem(call, dtype):
     """Metadata-only Problem of a benchmark call (bench_gpu.CALLS); nothing allocated."""
-    from cydeform.bench_gpu import CALLS
+    from cydeform.bench.gpu import CALLS
 
     _, N, Lq = CALLS[call]
     sizes = LEVELS[:, 0] * LEVELS[:, 1]
@@ -149,7 +149,7 @@ def role(expr):
 
 def benchmark_expressions(dtype):
     """{expr: set of 'call/mode' labels} for every variant of the benchmark calls."""
-    from cydeform.bench_gpu import CALLS
+    from cydeform.bench.gpu import CALLS
 
     used = defaultdict(set)
     derived = False

@@ -2,10 +2,10 @@
 
 For the lent H100 session (see benchmarks/NOTES.md, "How to run on the lent GPU"):
 
-(a) device copy bandwidth (cydeform.bench_gpu.copy_bandwidth_gbs) and the ptxas report
+(a) device copy bandwidth (cydeform.bench.gpu.copy_bandwidth_gbs) and the ptxas report
     of the timed kernels under the machine's own NVRTC;
 (b) the fast kernels beside the baseline kernels, CUDA events, median of >= 100 runs
-    after warm-up (cydeform.bench_gpu.Timer's method: each call queued behind a spin
+    after warm-up (cydeform.bench.gpu.Timer's method: each call queued behind a spin
     kernel), for encoder N=1, N=2 and decoder, float32/float16/bfloat16 (float64 once),
     both location distributions, with the fraction of the DRAM floor at the measured
     copy bandwidth; the decoder call end to end through the public API (wall clock) and
@@ -53,8 +53,9 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from cydeform import _cuda, _validate, bench_gpu  # noqa: E402
-from cydeform.bench import make_problem  # noqa: E402
+from cydeform import _cuda, _validate  # noqa: E402
+from cydeform.bench import gpu as bench_gpu  # noqa: E402
+from cydeform.bench.problems import make_problem  # noqa: E402
 
 CALLS = list(bench_gpu.CALLS)  # encoder1, encoder2, decoder
 MAIN_DTYPES = ["float32", "float16", "bfloat16"]

@@ -1,4 +1,4 @@
-"""GPU benchmark: ``python -m cydeform.bench_gpu [--repeat R] [--dtype ...] [--calls ...]``.
+"""GPU benchmark: ``python -m cydeform.bench.gpu [--repeat R] [--dtype ...] [--calls ...]``.
 
 Times the CUDA backend's fast kernels beside the baseline kernels (the original op's
 one-thread-per-output-element forward, a one-thread-per-point backward) on the
@@ -111,8 +111,8 @@ def traffic_bytes(prob, backward):
 def _inputs(call, dtype, distribution):
     import cupy
 
-    from . import _validate
-    from .bench import make_problem
+    from .. import _validate
+    from .problems import make_problem
 
     _, N, Lq = CALLS[call]
     value, shapes, starts, loc, attn = make_problem(N=N, Lq=Lq, distribution=distribution, dtype=np.float32)
@@ -125,7 +125,7 @@ def _inputs(call, dtype, distribution):
 
 
 def bench_call(timer, call, dtype, distribution, repeat, copy_gbs):
-    from . import _cuda
+    from .. import _cuda
 
     prob, value, _, _, loc, attn, grad = _inputs(call, dtype, distribution)
     t = {}

@@ -4,16 +4,8 @@ Times the CPU backend's forward and backward (median of repeated runs) on the
 Deformable DETR shapes of msda.md section 4, prints GB/s (a cost model: each sample
 gathers 4 corners x D channels) beside the thread count and dtype, and, when PyTorch is
 importable, times the grid_sample reference at the same thread count and prints the
-ratio. PyTorch is never a dependency. With a GPU and CuPy present it then runs the GPU
-benchmark (cydeform.bench_gpu).
-
-Calls:
-- encoder: N=1, Lq = S = 22223, levels 100x167, 50x84, 25x42, 13x21, M=8, D=32, L=4, P=4
-- decoder: the same with Lq = 300
-Location distributions:
-- uniform: uniform in [0, 1] (no locality)
-- local: pixel centres of the reference pixel plus offsets of a few pixels (what a
-  trained encoder does)
+ratio. PyTorch is never a dependency. The calls and location distributions are those of
+``cydeform.bench.problems``.
 """
 from __future__ import annotations
 
@@ -27,48 +19,7 @@ import numpy as np
 
 import cydeform
 
-LEVELS = np.array([[100, 167], [50, 84], [25, 42], [13, 21]], dtype=np.int64)
-M, D, P = 8, 32, 4
-
-
-def make_problem(N=1, Lq=None, distribution="uniform", dtype=np.float32, seed=0, levels=LEVELS):
-    """Random inputs of the benchmark call.
-
-    Returns (value (N, S, M, D), spatial_shapes (L, 2), level_start_index (L,),
-    sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P)).
-    ``Lq=None`` means one query per pixel (the encoder call).
-    """
-    rng = np.random.default_rng(seed)
-    H, W = levels[:, 0], levels[:, 1]
-    S = int((H * W).sum())
-    L = len(levels)
-    Lq = S if Lq is None else Lq
-    value = rng.standard_normal((N, S, M, D), dtype=np.float32).astype(dtype)
-    if distribution == "uniform":
-        loc = rng.random((N, Lq, M, L, P, 2), dtype=np.float32)
-    elif distribution == "local":
-        # Reference pixel: query q's own pixel centre (encoder) or a random point;
-        # offsets of a few pixels on each level, like trained sampling_offsets.
-        ref = _pixel_centres(levels)[np.arange(Lq) % S] if Lq == S else rng.random((Lq, 2), dtype=np.float32)
-        px = rng.normal(0.0, 2.0, (N, Lq, M, L, P, 2)).astype(np.float32)
-        loc = ref[None, :, None, None, None, :] + px / np.stack([W, H], axis=1)[None, None, None, :, None, :]
-    else:
-        raise ValueError(f"distribution must be 'uniform' or 'local'; got {distribution!r}")
-    logits = rng.standard_normal((N, Lq, M, L * P), dtype=np.float32)
-    attn = np.exp(logits)
-    attn /= attn.sum(-1, keepdims=True)
-    attn = attn.reshape(N, Lq, M, L, P)
-    starts = np.concatenate(([0], np.cumsum(H * W)[:-1])).astype(np.int64)
-    return value, levels.copy(), starts, loc.astype(dtype), attn.astype(dtype)
-
-
-def _pixel_centres(levels):
-    """(S, 2) normalised (x, y) pixel centres of all levels, in the flattened order."""
-    pts = []
-    for h, w in levels:
-        ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
-        pts.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
-    return np.concatenate(pts).astype(np.float32)
+from .problems import LEVELS, D, M, P, make_problem  # noqa: F401 (re-exported)
 
 
 def traffic_bytes(N, Lq, dtype, backward=False):
@@ -122,7 +73,7 @@ def torch_reference():
 
 
 def run_cpu(args):
-    from . import _cpu
+    from .. import _cpu
 
     ref = None if args.no_torch else torch_reference()
     print(f"# cydeform {cydeform.__version__} CPU benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, "
@@ -212,19 +163,7 @@ def main(argv=None):
         maximum = cydeform.get_num_threads()
         args.threads = sorted({1, maximum})
     run_cpu(args)
-    if not args.cpu_only and _gpu_available():
-        from . import bench_gpu
-
-        bench_gpu.main([])
-
-
-def _gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    return args
 
 
 if __name__ == "__main__":
