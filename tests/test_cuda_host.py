@@ -73,15 +73,15 @@ def _expressions():
     for dtype in (np.float32, np.float64):
         for index64 in (False, True):
             for D in (8, 9):  # vector chunks and the scalar generic path
-                exprs.update(_cuda.kernel_expressions(_prob(dtype, 2, 2, D), specialize=False, index64=index64))
+                exprs.update(_cuda.kernel_expressions(_prob(dtype, 2, 2, D), specialize=False, index64=index64, experimental=True))
         # SPECIALISED and the fixed shapes of the single-case tests below.
         for L, P, D in SPECIALISED + [(1, 2, 8), (2, 4, 8), (2, 2, 8)]:
-            exprs.update(_cuda.kernel_expressions(_prob(dtype, L, P, D), specialize=True))
+            exprs.update(_cuda.kernel_expressions(_prob(dtype, L, P, D), specialize=True, experimental=True))
     half_types = [np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes else [])
     for dtype in half_types:
         for D in (8, 9):
-            exprs.update(_cuda.kernel_expressions(_prob(dtype, 2, 2, D), specialize=False))
-        exprs.update(_cuda.kernel_expressions(_prob(dtype, 4, 4, 32), specialize=True))
+            exprs.update(_cuda.kernel_expressions(_prob(dtype, 2, 2, D), specialize=False, experimental=True))
+        exprs.update(_cuda.kernel_expressions(_prob(dtype, 4, 4, 32), specialize=True, experimental=True))
         exprs.add(f"test_load_to_float<{_cuda._CTYPE[np.dtype(dtype).name]}>")
     exprs.update({"test_group_sum", "test_divergent_shuffle", "test_early_exit_shuffle"})
     return sorted(exprs)
@@ -152,7 +152,7 @@ def test_generic_kernels_match_cpu_backend(rt, data, dtype, mode, index64, nonfi
     rt.launched.clear()
     check_against_cpu(rt, p, mode, dtype, specialize=False, index64=index64)
     index = "long long" if index64 else "int"
-    assert all(f", {index}" in e for e in rt.launched if not e.startswith(("msda_cell_keys", "msda_segment_starts", "cast")))
+    assert all(f", {index}" in e for e in rt.launched if not e.startswith(("msda_cell_keys", "msda_segment_starts", "msda_row_pieces", "cast")))
     if mode != "baseline":
         D = p["value"].shape[3]
         vec = D % (16 // np.dtype(dtype).itemsize) == 0
@@ -248,7 +248,7 @@ def test_block_spanning_several_images(rt, D, dtype):
         check_against_cpu(rt, p, mode, dtype)
 
 
-def test_deterministic_grad_value_does_not_depend_on_the_schedule(rt, monkeypatch):
+def test_deterministic_grad_value_does_not_depend_on_the_schedule(rt):
     """Fewer blocks (a grid-stride loop) change which thread runs which point and so the
     order of atomic additions; the deterministic gradient stays bit-identical."""
     rng = np.random.default_rng(11)
@@ -257,8 +257,8 @@ def test_deterministic_grad_value_does_not_depend_on_the_schedule(rt, monkeypatc
     grad = grad_output_for(p)
     runs = {}
     for max_grid in (1, 2, 1000):
-        monkeypatch.setattr(_cuda, "_MAX_GRID", max_grid)
-        runs[max_grid] = {mode: run(rt, p, grad, mode) for mode in ("fast", "deterministic")}
+        config = _cuda.LaunchConfig(max_grid=max_grid)
+        runs[max_grid] = {mode: run(rt, p, grad, mode, config=config) for mode in ("fast", "deterministic")}
     det = [r["deterministic"] for r in runs.values()]
     fast = [r["fast"] for r in runs.values()]
     for other in det[1:]:

@@ -207,13 +207,24 @@ __global__ void cast_from_float(const float* __restrict__ src, T* __restrict__ d
 
 // ---- deterministic dV: sort the points by bilinear cell, then gather ---------------------
 //
-// Cell (y0, x0) of level l (y0, x0 in [-1, H-1] x [-1, W-1]) has id
-// cell_start_l + (y0+1)*(W+1) + (x0+1); cells = sum_l (H_l+1)*(W_l+1). Step 1 gives every
-// point (n, q, m, l, p) the key (n*cells + cell)*M + m, or `sentinel` when it touches no
-// texel or is non-finite. The host stably sorts the keys (CuPy: a radix sort) and
-// msda_segment_starts locates each key's segment; step 2 then sums, for every value row (n, s, m), the points of the four cells having
-// it as a corner, in a fixed order (corner, then point index): no atomics, so the
-// result is bit-identical run to run.
+// Cell (y0, x0) of level l (y0, x0 in [-1, H-1] x [-1, W-1]) has index
+// cell_start_l + (y0+1)*(W+1) + (x0+1) among cells = sum_l (H_l+1)*(W_l+1). Step 1 gives
+// every point (n, q, m, l, p) the key (n*M + m)*cells + cell, or `sentinel` (= N*M*cells)
+// when it touches no texel or is non-finite. The host stably sorts the keys (CuPy: a
+// radix sort) and msda_segment_starts locates each key's segment. The value row
+// (n, s, m) of texel (y, x) is a corner of cells (y-1, x-1), (y-1, x), (y, x-1), (y, x):
+// two runs of two adjacent keys, so its W contributing points are two ranges of the
+// sorted order. A row with W <= K0 points is summed by one thread group in
+// msda_grad_value_gather; a longer row is cut into pieces of K = max(K0, ceil(sqrt(W)))
+// points, each summed into a scratch row by msda_grad_value_pieces, and the gather then
+// adds its ceil(W/K) pieces in piece order. No thread walks more than max(K0, about
+// 2 sqrt(W)) items, there are no atomics, and every sum has a fixed order: the result is
+// bit-identical run to run. 64-bit cell arithmetic throughout: (W+1) overflows int for
+// a level of width 2^31 - 1.
+
+__device__ __forceinline__ long long cyd_cell_index(const long long* __restrict__ levels, int l, int y0, int x0) {
+    return levels[4 * l + 3] + (long long)(y0 + 1) * (levels[4 * l + 1] + 1) + (x0 + 1);
+}
 
 // Step 1. Threads: N*Lq*M*L*P (total_threads), one per point.
 template <typename T, typename Key>
@@ -222,21 +233,17 @@ __global__ void msda_cell_keys(
     const T* __restrict__ loc,             // (N, Lq, M, L, P, 2)
     Key* __restrict__ keys,                // (N, Lq, M, L, P)
     int M, int Lq, int L, int P, long long cells, Key sentinel, long long total_threads) {
+    typedef typename AccOf<T>::type A;
+    const long long LP = (long long)L * P;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total_threads; k += stride) {
-        const long long nqm = k / (L * P);
-        const int l = (int)(k % (L * P)) / P;
+        const long long nqm = k / LP;
+        const int l = (int)((k % LP) / P);
         const long long n = nqm / ((long long)Lq * M);
         const int m = (int)(nqm % M);
         const int H = (int)levels[4 * l], W = (int)levels[4 * l + 1];
-        typedef typename AccOf<T>::type A;
         const Sample<A> s = sample_geometry(Conv<T>::ldg(loc + 2 * k), Conv<T>::ldg(loc + 2 * k + 1), H, W);
-        Key key = sentinel;
-        if (s.inside) {
-            const long long cell = levels[4 * l + 3] + (long long)(s.y0 + 1) * (W + 1) + (s.x0 + 1);
-            key = (Key)((n * cells + cell) * M + m);
-        }
-        keys[k] = key;
+        keys[k] = s.inside ? (Key)((n * M + m) * cells + cyd_cell_index(levels, l, s.y0, s.x0)) : sentinel;
     }
 }
 
@@ -261,9 +268,134 @@ __global__ void msda_segment_starts(
     }
 }
 
-// Step 2. A group of G lanes per value row (n, s, m), lane g owning chunks of C channels
-// at d0 + g*C. order: point indices sorted by key; seg_start[key] .. seg_start[key+1]
-// is the segment of `key` in that order. Writes every element of grad_value.
+__device__ __forceinline__ long long cyd_ceil_sqrt(long long v) {
+    long long r = (long long)sqrt((double)v);
+    while (r * r < v) ++r;
+    while (r > 0 && (r - 1) * (r - 1) >= v) --r;
+    return r;
+}
+
+// The contributing points of value row `row` = (n, s, m) and how they are split.
+struct RowSpan {
+    long long n;
+    int m, l, y, x, H, W;
+    long long a0, na, b0, nb;     // points: sorted positions [a0, a0+na), then [b0, b0+nb)
+    long long piece, pieces;      // points per piece (K) and pieces (<= 1: no scratch)
+};
+
+__device__ __forceinline__ RowSpan row_span(const long long* __restrict__ levels,
+                                            const long long* __restrict__ seg_start, long long row, int S,
+                                            int M, int L, long long cells, long long K0) {
+    RowSpan r;
+    r.m = (int)(row % M);
+    const long long ns = row / M;
+    r.n = ns / S;
+    const int sp = (int)(ns % S);
+    int l = 0;
+    while (l + 1 < L && sp >= levels[4 * (l + 1) + 2]) ++l;
+    r.l = l;
+    r.H = (int)levels[4 * l];
+    r.W = (int)levels[4 * l + 1];
+    const int t = sp - (int)levels[4 * l + 2];
+    r.y = t / r.W;
+    r.x = t % r.W;
+    const long long key_a = (r.n * M + r.m) * cells + cyd_cell_index(levels, l, r.y - 1, r.x - 1);
+    const long long key_b = (r.n * M + r.m) * cells + cyd_cell_index(levels, l, r.y, r.x - 1);
+    r.a0 = seg_start[key_a];
+    r.na = seg_start[key_a + 2] - r.a0;  // cells (y-1, x-1) and (y-1, x)
+    r.b0 = seg_start[key_b];
+    r.nb = seg_start[key_b + 2] - r.b0;  // cells (y, x-1) and (y, x)
+    const long long work = r.na + r.nb;
+    const long long k = cyd_ceil_sqrt(work);
+    r.piece = k > K0 ? k : K0;
+    r.pieces = (work + r.piece - 1) / r.piece;
+    return r;
+}
+
+// acc[c] += sum over the row's points i0 .. i1-1 (in the order of RowSpan) of
+// w_corner * a * grad_out[n, q, m*D + d + c].
+template <typename T, typename Index, int C, bool VEC>
+__device__ __forceinline__ void add_row_points(
+    typename AccOf<T>::type (&acc)[C], const RowSpan& r, long long i0, long long i1,
+    const T* __restrict__ grad_out, const T* __restrict__ loc, const T* __restrict__ attn,
+    const long long* __restrict__ order, int D, int L, int P, int d, int cnt) {
+    typedef typename AccOf<T>::type A;
+    const long long LP = (long long)L * P;
+    for (long long i = i0; i < i1; ++i) {
+        const long long k = order[i < r.na ? r.a0 + i : r.b0 + (i - r.na)];
+        const Sample<A> s = sample_geometry(Conv<T>::ldg(loc + 2 * k), Conv<T>::ldg(loc + 2 * k + 1), r.H, r.W);
+        const A a = Conv<T>::ldg(attn + k);
+        // The row is corner (y0 + dy, x0 + dx) of the point's cell.
+        const A w = (r.y == s.y0 ? s.hy : s.ly) * (r.x == s.x0 ? s.hx : s.lx) * a;
+        A g[C];
+        load_chunk<T, C, VEC>(grad_out + (Index)(k / LP) * D + d, cnt, g);
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[c] += w * g[c];
+    }
+}
+
+// Pieces per value row: pieces[row] = ceil(W/K) when the row is split (> 1), else 0.
+// Threads: N*S*M (total_threads), one per row.
+__global__ void msda_row_pieces(
+    const long long* __restrict__ levels,     // (L, 4)
+    const long long* __restrict__ seg_start,  // (n_keys + 2,)
+    long long* __restrict__ pieces,           // (N*S*M,)
+    int S, int M, int L, long long cells, long long K0, long long total_threads) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < total_threads; row += stride) {
+        const RowSpan r = row_span(levels, seg_start, row, S, M, L, cells, K0);
+        pieces[row] = r.pieces > 1 ? r.pieces : 0;
+    }
+}
+
+// Step 2a. The pieces of the split rows: piece j of row r (global index
+// piece_end[r] - pieces[r] + j) sums points j*K .. (j+1)*K - 1 into scratch[piece, :].
+// A group of G lanes per piece, lane g owning chunks of C channels at d0 + g*C.
+// Threads: max_pieces*G (total_threads); those past piece_end[rows-1] return at once.
+template <typename T, typename Index, int C, bool VEC>
+__global__ void msda_grad_value_pieces(
+    const T* __restrict__ grad_out,          // (N, Lq, M*D)
+    const long long* __restrict__ levels,    // (L, 4)
+    const T* __restrict__ loc,               // (N, Lq, M, L, P, 2)
+    const T* __restrict__ attn,              // (N, Lq, M, L, P)
+    const long long* __restrict__ order,     // (N*Lq*M*L*P,)
+    const long long* __restrict__ seg_start, // (n_keys + 2,)
+    const long long* __restrict__ pieces,    // (N*S*M,)
+    const long long* __restrict__ piece_end, // (N*S*M,) inclusive scan of pieces
+    typename AccOf<T>::type* __restrict__ scratch,  // (max_pieces, D)
+    long long rows, long long max_pieces,
+    int S, int M, int D, int L, int P, long long cells, long long K0, int log2G, long long total_threads) {
+    typedef typename AccOf<T>::type A;
+    const int G = 1 << log2G;
+    const long long n_pieces = piece_end[rows - 1];
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long gid = (long long)blockIdx.x * blockDim.x + threadIdx.x; gid < total_threads; gid += stride) {
+        const long long piece = gid >> log2G;
+        if (piece >= n_pieces || piece >= max_pieces) continue;
+        const int lane = (int)(gid & (G - 1));
+        long long lo = 0, hi = rows - 1;  // the row: first r with piece_end[r] > piece
+        while (lo < hi) {
+            const long long mid = lo + (hi - lo) / 2;
+            if (piece_end[mid] > piece) hi = mid;
+            else lo = mid + 1;
+        }
+        const RowSpan r = row_span(levels, seg_start, lo, S, M, L, cells, K0);
+        const long long j = piece - (piece_end[lo] - pieces[lo]);
+        const long long i0 = j * r.piece;
+        const long long i1 = i0 + r.piece < r.na + r.nb ? i0 + r.piece : r.na + r.nb;
+        for (int d = lane * C; d < D; d += G * C) {
+            const int cnt = D - d < C ? D - d : C;
+            A acc[C];
+#pragma unroll
+            for (int c = 0; c < C; ++c) acc[c] = 0;
+            add_row_points<T, Index, C, VEC>(acc, r, i0, i1, grad_out, loc, attn, order, D, L, P, d, cnt);
+            for (int c = 0; c < cnt; ++c) scratch[piece * D + d + c] = acc[c];
+        }
+    }
+}
+
+// Step 2b. Every value row (n, s, m): its points summed directly (one piece), or its
+// pieces' scratch rows added in piece order. Writes every element of grad_value.
 // Threads: N*S*M*G (total_threads).
 template <typename T, typename Index, int C, bool VEC>
 __global__ void msda_grad_value_gather(
@@ -273,46 +405,34 @@ __global__ void msda_grad_value_gather(
     const T* __restrict__ attn,              // (N, Lq, M, L, P)
     const long long* __restrict__ order,     // (N*Lq*M*L*P,)
     const long long* __restrict__ seg_start, // (n_keys + 2,)
+    const long long* __restrict__ pieces,    // (N*S*M,)
+    const long long* __restrict__ piece_end, // (N*S*M,)
+    const typename AccOf<T>::type* __restrict__ scratch,  // (max_pieces, D)
     T* __restrict__ grad_value,              // (N, S, M, D)
-    int S, int M, int D, int L, int P, long long cells, int log2G, long long total_threads) {
+    int S, int M, int D, int L, int P, long long cells, long long K0, int log2G, long long total_threads) {
     typedef typename AccOf<T>::type A;
     const int G = 1 << log2G;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long gid = (long long)blockIdx.x * blockDim.x + threadIdx.x; gid < total_threads; gid += stride) {
-        const Index row = (Index)(gid >> log2G);  // flat (n, s, m)
+        const long long row = gid >> log2G;  // flat (n, s, m)
         const int lane = (int)(gid & (G - 1));
-        const int m = (int)(row % M);
-        const Index ns = row / M;
-        const long long n = ns / S;
-        const int sp = (int)(ns % S);
-        int l = 0;
-        while (l + 1 < L && sp >= levels[4 * (l + 1) + 2]) ++l;
-        const int H = (int)levels[4 * l], W = (int)levels[4 * l + 1];
-        const int r = sp - (int)levels[4 * l + 2];
-        const int y = r / W, x = r % W;
+        const RowSpan r = row_span(levels, seg_start, row, S, M, L, cells, K0);
+        const long long first = piece_end[row] - pieces[row];
         for (int d = lane * C; d < D; d += G * C) {
             const int cnt = D - d < C ? D - d : C;
             A acc[C];
 #pragma unroll
             for (int c = 0; c < C; ++c) acc[c] = 0;
+            if (r.pieces <= 1) {
+                add_row_points<T, Index, C, VEC>(acc, r, 0, r.na + r.nb, grad_out, loc, attn, order, D, L, P, d, cnt);
+            } else {
+                for (long long j = 0; j < r.pieces; ++j) {
+                    const A* src = scratch + (first + j) * D + d;
 #pragma unroll
-            for (int corner = 0; corner < 4; ++corner) {
-                const int dy = corner >> 1, dx = corner & 1;
-                const long long cell = levels[4 * l + 3] + (long long)(y - dy + 1) * (W + 1) + (x - dx + 1);
-                const long long key = (n * cells + cell) * M + m;
-                const long long end = seg_start[key + 1];
-                for (long long i = seg_start[key]; i < end; ++i) {
-                    const long long k = order[i];
-                    const Sample<A> s = sample_geometry(Conv<T>::ldg(loc + 2 * k), Conv<T>::ldg(loc + 2 * k + 1), H, W);
-                    const A a = Conv<T>::ldg(attn + k);
-                    const A w = (dy ? s.ly : s.hy) * (dx ? s.lx : s.hx) * a;
-                    A g[C];
-                    load_chunk<T, C, VEC>(grad_out + (Index)(k / (L * P)) * D + d, cnt, g);
-#pragma unroll
-                    for (int c = 0; c < C; ++c) acc[c] += w * g[c];
+                    for (int c = 0; c < C; ++c) acc[c] += c < cnt ? src[c] : (A)0;
                 }
             }
-            store_chunk<T, C, VEC>(grad_value + row * D + d, cnt, acc);
+            store_chunk<T, C, VEC>(grad_value + (Index)row * D + d, cnt, acc);
         }
     }
 }

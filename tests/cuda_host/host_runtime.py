@@ -2,9 +2,9 @@
 
 ``build_library`` compiles ``cydeform._cuda.kernel_source()`` (the exact text NVRTC
 gets) after ``cuda_host_compat.h`` with the host C++ compiler into a shared library
-exporting one launcher per kernel name expression. ``HostRuntime`` implements the
-runtime interface of ``cydeform._cuda`` (array module, launch, pointer, levels, stable
-argsort) with NumPy arrays, so ``_cuda._forward`` / ``_cuda._backward`` run unchanged:
+exporting one launcher per kernel name expression. ``HostRuntime`` implements
+``cydeform._cuda.Runtime`` (array module, launch, pointer, levels, stable argsort) with
+NumPy arrays, so ``_cuda._forward`` / ``_cuda._backward`` run unchanged:
 the same variant selection, index width, buffers, sorting and kernel arguments as on
 a GPU. Libraries are cached by a hash of their source and flags.
 """
@@ -80,7 +80,7 @@ class HarnessError(AssertionError):
 
 
 class HostRuntime:
-    """The runtime interface of cydeform._cuda on the CPU (NumPy arrays, fiber warps)."""
+    """cydeform._cuda.Runtime on the CPU (NumPy arrays, fiber warps)."""
 
     xp = np
 
@@ -98,7 +98,7 @@ class HostRuntime:
             lib, funcs = build_library(missing, self.build_dir, self.extra_source)
             self._funcs.update({e: (lib, fn) for e, fn in funcs.items()})
 
-    def launch(self, expr, total_threads, args):
+    def launch(self, expr, total_threads, args, config=_cuda.DEFAULT_CONFIG):
         self.add([expr])
         holders = []
         for a in args:
@@ -111,7 +111,7 @@ class HostRuntime:
                 raise TypeError(f"{expr}: kernel arguments must be NumPy arrays or NumPy scalars, got {type(a)}")
         argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
         lib, fn = self._funcs[expr]
-        if fn(_cuda._grid(total_threads), _cuda.BLOCK, argv):
+        if fn(config.grid(total_threads), config.block, argv):
             raise HarnessError(f"{expr}: {lib.cyd_error().decode()}")
         self.launched.append(expr)
 
