@@ -6,11 +6,11 @@ tries.
 
 Needs only NVRTC (CuPy's bindings; no GPU). Compiles ``_cuda.kernel_source()`` (the
 exact text the backend hands to ``cupy.RawModule``) with the backend's own
-``COMPILE_OPTIONS`` and name expressions (``_cuda.kernel_expressions``), asks ptxas for
+``DEFAULT_CONFIG.options`` (``cydeform._nvrtc``, the runtime's compile path) and name expressions (``_cuda.kernel_expressions``), asks ptxas for
 its resource report (``--ptxas-options=-v``) and computes the occupancy on sm_90
 (Hopper: 65536 registers per SM in 4 sub-partitions, at most 64 warps and 32 blocks per
 SM, registers allocated per warp in units of 256, 228 KB shared memory per SM with
-1 KB reserved per block) for 256-thread blocks (``_cuda.BLOCK``), the way CUDA's
+1 KB reserved per block) for 256-thread blocks (``_cuda.DEFAULT_CONFIG.block``), the way CUDA's
 occupancy calculator does (cuda_occupancy.h).
 
 ``--sass``: also count instruction classes in the SASS of the encoder kernels (needs
@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from cydeform import _cuda, _validate  # noqa: E402
+from cydeform import _cuda, _nvrtc, _validate  # noqa: E402
 from cydeform.bench.problems import LEVELS, D, M, P  # noqa: E402
 
 # ---- sm_90 occupancy (cuda_occupancy.h's arithmetic, Hopper limits) ----------------
@@ -129,7 +129,7 @@ def _with_dtype(fn, call, dtype):
 
 def role(expr):
     """Human name of a kernel variant from its name expression."""
-    name, args = expr.split("<", 1)
+    name, _, args = expr.partition("<")
     a = [x.strip() for x in args.rstrip(">").split(",")]
     if name in ("msda_forward", "msda_backward"):
         L_t, C, J, G_t, vec = a[2], a[5], a[6], a[7], a[8]
@@ -142,7 +142,10 @@ def role(expr):
         "msda_backward_baseline": "bwd baseline (thread per point)",
         "msda_cell_keys": "det: cell keys",
         "msda_segment_starts": "det: segment starts",
+        "msda_row_pieces": "det: pieces per value row",
+        "msda_grad_value_pieces": "det: grad_value pieces (split rows)",
         "msda_grad_value_gather": "det: grad_value gather",
+        "msda_forward_shared": "fwd shared geometry (experiment)",
         "cast_from_float": "cast float32 -> half",
     }.get(name, name)
 
@@ -191,18 +194,14 @@ def compile_report(exprs, arch="sm_90", extra_options=(), want_cubin=False):
 
     Returns ({expr: dict(regs, stack, spill_st, spill_ld, smem, barriers)}, cubin bytes or None).
     """
-    nvrtc = nvrtc_module()
     exprs = list(dict.fromkeys(exprs))
-    prog = nvrtc.createProgram(_cuda.kernel_source(), "msda.cu", [], [])
-    for e in exprs:
-        nvrtc.addNameExpression(prog, e)
-    options = [f"--gpu-architecture={arch}", "--ptxas-options=-v", *_cuda.COMPILE_OPTIONS, *extra_options]
+    options = (*_cuda.DEFAULT_CONFIG.options, *extra_options)
     try:
-        nvrtc.compileProgram(prog, options)
-    except Exception as exc:
-        raise RuntimeError(f"NVRTC failed ({' '.join(options)}): {exc}\n{nvrtc.getProgramLog(prog)}") from exc
-    log = nvrtc.getProgramLog(prog)
-    lowered = {nvrtc.getLoweredName(prog, e): e for e in exprs}
+        program = _nvrtc.compile_program(_cuda.kernel_source(), exprs, arch, options, ptxas_verbose=True)
+    except _nvrtc.NvrtcError as exc:
+        raise RuntimeError(str(exc)) from exc
+    log = program.log
+    lowered = {v: k for k, v in program.lowered.items()}
     report, current = {}, None
     for line in log.splitlines():
         m = _ENTRY.search(line)
@@ -225,10 +224,7 @@ def compile_report(exprs, arch="sm_90", extra_options=(), want_cubin=False):
             s = _SMEM.search(line)
             if s:
                 report[current]["smem"] = int(s.group(1))
-    cubin = None
-    if want_cubin:
-        cubin = nvrtc.getCUBIN(prog)
-    return report, cubin
+    return report, (program.cubin if want_cubin else None)
 
 
 # ---- SASS instruction classes (optional) ---------------------------------------------
@@ -282,7 +278,7 @@ def issue_floor_us(expr, total_instr, call="encoder1", clock_ghz=1.755, sms=132)
     """Instruction-issue floor of a fully unrolled fast kernel (compile-time L, P, D):
     warps x static SASS count / (4 schedulers x SMs x clock). None for other kernels
     (their loops make the static count meaningless)."""
-    name, args = expr.split("<", 1)
+    name, _, args = expr.partition("<")
     a = [x.strip() for x in args.rstrip(">").split(",")]
     if name not in ("msda_forward", "msda_backward") or a[2] == "0":
         return None
@@ -345,11 +341,11 @@ def main(argv=None):
         f"{' --sass' if args.sass else ''}` on {args.date}")
     out(f"- NVRTC {nvrtc_version()} (the GPU machine's CuPy uses NVRTC 13.x: registers can differ; "
         "tune_gpu.py prints the same table there)")
-    out(f"- options: `{' '.join(['--gpu-architecture=' + args.arch, *_cuda.COMPILE_OPTIONS])}`")
+    out(f"- options: `{' '.join(['--gpu-architecture=' + args.arch, *_cuda.DEFAULT_CONFIG.options])}`")
     out("- occupancy: computed for sm_90 (65536 regs/SM in 4 sub-partitions, registers per warp rounded up "
         "to 256, max 64 warps and 32 blocks/SM, 228 KB smem/SM with 1 KB reserved per block), "
-        f"{_cuda.BLOCK}-thread blocks. 'limit' names the resource that binds.")
-    out(f"- register thresholds for {_cuda.BLOCK}-thread blocks (computed): " + threshold_text(_cuda.BLOCK) + ".")
+        f"{_cuda.DEFAULT_CONFIG.block}-thread blocks. 'limit' names the resource that binds.")
+    out(f"- register thresholds for {_cuda.DEFAULT_CONFIG.block}-thread blocks (computed): " + threshold_text(_cuda.DEFAULT_CONFIG.block) + ".")
     out("- calls: encoder1 = N=1, Lq=S=22223; encoder2 = N=2; decoder = N=1, Lq=300 "
         "(levels 100x167, 50x84, 25x42, 13x21; M=8, D=32, L=P=4). Modes: default (aligned, compile-time sizes), "
         "specialize off (runtime-size vector), misaligned (runtime-size scalar).\n")

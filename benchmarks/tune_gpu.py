@@ -10,8 +10,8 @@ For the lent H100 session (see benchmarks/NOTES.md, "How to run on the lent GPU"
     both location distributions, with the fraction of the DRAM floor at the measured
     copy bandwidth; the decoder call end to end through the public API (wall clock) and
     a breakdown of its host overhead; the targets of the CUDA issue checked;
-(c) tuning experiments that need no source edit (module knobs of cydeform._cuda:
-    channel layout J/G, compile-time sizes, BLOCK, _MAX_GRID, extra NVRTC options such
+(c) tuning experiments that need no source edit (a cydeform._cuda.LaunchConfig each:
+    channel layout J/G, compile-time sizes, block size, grid cap, extra NVRTC options such
     as --maxrregcount, the L1/shared carveout, 64-bit offsets, cold L2). Each prints
     its written-down prediction beside the measurement and a correctness check
     against the default kernel's result.
@@ -24,7 +24,7 @@ new experiments when the time is spent.
 ``--dry-run``: no CuPy, no GPU. Runs the same host logic with NumPy arrays, a runtime
 that records launches instead of running them, and a fake timer (numbers marked
 FAKE), so the argument parsing, the knobs, the experiment list and the report
-formatting are tested here. ``--dry-run --compile`` also compiles every recorded
+formatting are tested here (tests/test_gpu_scripts.py). ``--dry-run --compile`` also compiles every recorded
 kernel variant with NVRTC (with the experiment's options) when CuPy's NVRTC bindings
 are present. ``--dry-run --host-check`` runs the alternative channel layouts through
 the CPU host harness (tests/cuda_host) against the float64 reference.
@@ -32,7 +32,7 @@ the CPU host harness (tests/cuda_host) against the float64 reference.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -103,38 +103,19 @@ def make_layout(prob, J, G, vec=True, specialise=True):
     return _cuda.ChannelLayout(C, J, G, vec, 0, 0, 0, 0)
 
 
-@contextlib.contextmanager
-def knobs(block=None, max_grid=None, options=None, layout=None):
-    """Temporarily change cydeform._cuda's module knobs.
-
-    block: _cuda.BLOCK; max_grid: _cuda._MAX_GRID; options: extra NVRTC options appended
-    to _cuda.COMPILE_OPTIONS (the compiled-function cache is cleared on entry and exit);
-    layout: (J, G) forced for aligned calls (replaces _cuda.channel_layout).
-    """
-    saved = (_cuda.BLOCK, _cuda._MAX_GRID, _cuda.COMPILE_OPTIONS, _cuda.channel_layout)
-    original_layout = _cuda.channel_layout
-    try:
-        if block is not None:
-            _cuda.BLOCK = int(block)
-        if max_grid is not None:
-            _cuda._MAX_GRID = int(max_grid)
-        if options:
-            _cuda.COMPILE_OPTIONS = tuple(saved[2]) + tuple(options)
-            _cuda._cupy_function.cache_clear()
-        if layout is not None:
-            J, G = layout
-
-            def forced(prob, aligned, specialize=True):
-                if not aligned:
-                    return original_layout(prob, aligned, specialize)
-                return make_layout(prob, J, G, specialise=specialize)
-
-            _cuda.channel_layout = forced
-        yield
-    finally:
-        _cuda.BLOCK, _cuda._MAX_GRID, _cuda.COMPILE_OPTIONS, _cuda.channel_layout = saved
-        if options:
-            _cuda._cupy_function.cache_clear()
+def config_for(block=None, max_grid=None, options=None, layout=None, base=_cuda.DEFAULT_CONFIG):
+    """The LaunchConfig of an experiment: block size, grid cap, extra NVRTC options
+    (appended to the default ones), (J, G) layout forced for aligned calls."""
+    kw = {}
+    if block is not None:
+        kw["block"] = int(block)
+    if max_grid is not None:
+        kw["max_grid"] = int(max_grid)
+    if options:
+        kw["options"] = (*base.options, *options)
+    if layout is not None:
+        kw["layout"] = tuple(layout)
+    return dataclasses.replace(base, **kw)
 
 
 # ---- experiments --------------------------------------------------------------------
@@ -190,7 +171,7 @@ SHARED_GEOMETRY_PREDICTION = ("lanes share the float64 geometry: -10% instructio
 class Experiment:
     name: str
     prediction: str
-    kw: dict = field(default_factory=dict)      # knobs(**kw)
+    kw: dict = field(default_factory=dict)      # config_for(**kw)
     call_kw: dict = field(default_factory=dict)  # _forward/_backward keyword arguments
     dtypes: tuple = ("float32", "float16")
     dists: tuple = ("uniform", "local")
@@ -277,8 +258,8 @@ class RecordingRuntime:
     def __init__(self):
         self.launched = []
 
-    def launch(self, expr, total_threads, args):
-        self.launched.append((expr, _cuda._grid(total_threads), _cuda.BLOCK, tuple(_cuda.COMPILE_OPTIONS)))
+    def launch(self, expr, total_threads, args, config):
+        self.launched.append((expr, config.grid(total_threads), config.block, config.options))
 
     @staticmethod
     def pointer(a):
@@ -560,7 +541,7 @@ class Session:
                         c = "-"
                     else:
                         acc = xp.zeros(shape, dtype=acc_dtype)
-                        c = f"{self.time(lambda: _cuda._finish_grad_value(self.rt, prob, acc))['median']:.1f}"
+                        c = f"{self.time(lambda: _cuda._finish_grad_value(self.rt, prob, acc, _cuda.DEFAULT_CONFIG))['median']:.1f}"
                     rows.append(f"| {call} | {dtype} | {z:.1f} | {c} |")
                 except Exception as exc:
                     rows.append(f"| {call} | {dtype} | {self.error('components', exc)} | |")
@@ -683,8 +664,8 @@ class Session:
 
     def one_experiment(self, ex, call, dtype, dist, direction, pred):
         default = self.time(self.fns(call, dtype, dist, direction), flush=False)
-        fn = self.fns(call, dtype, dist, direction, call_kw=ex.call_kw)
-        with knobs(**ex.kw):
+        fn = self.fns(call, dtype, dist, direction, call_kw={**ex.call_kw, "config": config_for(**ex.kw)})
+        if True:  # (the configuration travels with the call: nothing global to restore)
             restore = self.set_carveout(ex, call, dtype, dist, direction) if ex.carveout is not None else None
             try:
                 check = self.check(call, dtype, dist, direction, fn)
@@ -708,7 +689,7 @@ class Session:
         index, lay = _cuda.index_ctype(prob), _cuda.channel_layout(prob, True)
         expr = (_cuda._fast_expr("msda_forward", prob, index, lay) if direction == "fwd"
                 else _cuda._fast_expr("msda_backward", prob, index, lay, True))
-        func = _cuda._cupy_function(expr, self.rt.device_id)
+        _, func = _cuda._cupy_function(expr, self.rt.device_id, _cuda.DEFAULT_CONFIG.options)
         attr = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
         driver.funcSetAttribute(func.ptr, attr, int(ex.carveout))
         return lambda: driver.funcSetAttribute(func.ptr, attr, -1)  # -1: no preference (the default)
@@ -728,7 +709,7 @@ def dry_compile(session):
         by_opts.setdefault(opts, set()).add(expr)
     rows = ["| options | kernels | max regs | spills |", "|---|---|---|---|"]
     for opts, exprs in by_opts.items():
-        extra = tuple(o for o in opts if o not in _cuda.COMPILE_OPTIONS)
+        extra = tuple(o for o in opts if o not in _cuda.DEFAULT_CONFIG.options)
         try:
             rep, _ = ptxas_report.compile_report(sorted(exprs), "sm_90", extra_options=extra)
             spills = [e for e, r in rep.items() if r["spill_st"] or r["spill_ld"]]
@@ -763,9 +744,9 @@ def host_check(session):
         prob = _validate.check_problem(v, shapes, starts, lo, a, _validate.GPU_DTYPES)
         for (J, G), label, _ in LAYOUTS[itemsize]:
             try:
-                with knobs(layout=(J, G)):
-                    got_f = _cuda._forward(rt, prob, v, lo, a)
-                    got_b = _cuda._backward(rt, prob, g, v, lo, a)
+                config = config_for(layout=(J, G))
+                got_f = _cuda._forward(rt, prob, v, lo, a, config=config)
+                got_b = _cuda._backward(rt, prob, g, v, lo, a, config=config)
                 ef = np.abs(got_f - want_f).max() / np.abs(want_f).max()
                 eb = [np.abs(x - w).max() / max(np.abs(w).max(), 1e-30) for x, w in zip(got_b, want_b)]
                 rows.append(f"| {np.dtype(dtype).name} | {label.split(':')[0]} | {ef:.1e} | "

@@ -1,7 +1,8 @@
 """Every CUDA kernel variant the backend can launch compiles with NVRTC, without spills.
 
 Compiles ``cydeform._cuda.kernel_source()`` (the exact text the backend hands to
-``cupy.RawModule``) for sm_70, sm_80 and sm_90 with the backend's options, asks ptxas
+``cupy.RawModule``) for sm_70, sm_80 and sm_90 through the runtime's own compile path and options
+(``cydeform._nvrtc``: -ftz=false etc.), asks ptxas
 for its resource report and fails on any spill. Needs only NVRTC (no GPU, no CUDA
 toolkit); skipped when CuPy's NVRTC bindings or the NVRTC library are missing.
 
@@ -9,13 +10,16 @@ Run as a script to print the register table: ``python tests/test_cuda_nvrtc.py s
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from cydeform import _cuda, _validate
+from cydeform import _cuda, _nvrtc, _validate
 
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy's NVRTC bindings are not installed")
 
@@ -56,7 +60,8 @@ def variant_expressions(dtype):
         for specialize in (True, False):
             for index64 in (False, True):
                 for aligned in (True, False):
-                    exprs += _cuda.kernel_expressions(prob, aligned=aligned, specialize=specialize, index64=index64)
+                    exprs += _cuda.kernel_expressions(prob, aligned=aligned, specialize=specialize, index64=index64,
+                                                      experimental=True)
     exprs += _cuda.kernel_expressions(huge)
     assert any("long long>" in e for e in exprs if e.startswith("msda_cell_keys"))
     return sorted(set(exprs))
@@ -80,20 +85,18 @@ _REGS = re.compile(r"Used (\d+) registers")
 
 
 def compile_and_report(exprs, arch):
-    """Compile ``exprs`` in one NVRTC program; return {expr: (registers, spill stores, spill loads)}."""
-    prog = nvrtc.createProgram(_cuda.kernel_source(), "msda.cu", [], [])
-    for e in exprs:
-        nvrtc.addNameExpression(prog, e)
-    options = [f"--gpu-architecture={arch}", "--ptxas-options=-v", *_cuda.COMPILE_OPTIONS]
+    """Compile ``exprs`` in one NVRTC program with the runtime's own compile path and
+    options (``_nvrtc.compile_program``, ``DEFAULT_CONFIG.options``); return
+    {expr: (registers, spill stores, spill loads)} from ptxas' report."""
     try:
-        nvrtc.compileProgram(prog, options)
-    except Exception as exc:
-        pytest.fail(f"NVRTC failed for {arch}: {exc}\n{nvrtc.getProgramLog(prog)}")
-    log = nvrtc.getProgramLog(prog)
-    assert nvrtc.getCUBIN(prog), "no cubin produced"
-    lowered = {nvrtc.getLoweredName(prog, e): e for e in exprs}
+        program = _nvrtc.compile_program(_cuda.kernel_source(), exprs, arch, _cuda.DEFAULT_CONFIG.options,
+                                         ptxas_verbose=True)
+    except _nvrtc.NvrtcError as exc:
+        pytest.fail(str(exc))
+    assert program.cubin, "no cubin produced"
+    lowered = {v: k for k, v in program.lowered.items()}
     report, current = {}, None
-    for line in log.splitlines():
+    for line in program.log.splitlines():
         m = _ENTRY.search(line)
         if m:
             current = lowered.get(m.group(1))
@@ -110,6 +113,15 @@ def compile_and_report(exprs, arch):
     return report
 
 
+@functools.lru_cache(maxsize=None)
+def _reports():
+    """Every (dtype, arch) report, compiled two at a time (NVRTC releases the GIL)."""
+    jobs = [(dt, arch) for dt in DTYPES for arch in ARCHS if int(arch[3:]) in nvrtc.getSupportedArchs()]
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        futures = {job: pool.submit(compile_and_report, expressions_for(job[0]), job[1]) for job in jobs}
+    return {job: f.result() for job, f in futures.items()}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_variant_compiles_without_spills(dtype, arch):
@@ -117,7 +129,7 @@ def test_every_variant_compiles_without_spills(dtype, arch):
     if int(arch[3:]) not in supported:  # e.g. CUDA 13 dropped sm_70
         pytest.skip(f"NVRTC {NVRTC_VERSION} cannot target {arch}")
     exprs = expressions_for(dtype)
-    report = compile_and_report(exprs, arch)
+    report = _reports()[(dtype, arch)]
     missing = [e for e in exprs if e not in report]
     assert not missing, f"ptxas reported nothing for {missing}"
     spills = {e: r for e, r in report.items() if r[1] or r[2]}
@@ -128,7 +140,8 @@ def test_every_variant_compiles_without_spills(dtype, arch):
 def test_variant_list_covers_every_kernel_family():
     exprs = variant_expressions("float16")
     for family in ("msda_forward<", "msda_forward_baseline<", "msda_backward<", "msda_backward_baseline<",
-                   "msda_cell_keys<", "msda_segment_starts<", "msda_grad_value_gather<", "cast_from_float<"):
+                   "msda_cell_keys<", "msda_segment_starts<", "msda_row_pieces", "msda_grad_value_pieces<",
+                   "msda_grad_value_gather<", "cast_from_float<", "msda_forward_shared<"):
         assert any(e.startswith(family) for e in exprs), family
     fast = [e for e in exprs if e.startswith("msda_forward<")]
     assert any(", 4, 4, 32," in e for e in fast) and any(", 0, 0, 0," in e for e in fast)
@@ -141,3 +154,19 @@ if __name__ == "__main__":
     for dt in DTYPES:
         for e, (regs, st, ld) in sorted(compile_and_report(expressions_for(dt), arch).items()):
             print(f"| {arch} | `{e}` | {regs} | {st} | {ld} |")
+
+
+def test_runtime_compiles_exactly_what_this_test_checks():
+    """The runtime's per-kernel compile (``_cuda.compile_kernel``) produces the same
+    machine code as this test's batch compile: same source, same options."""
+    prob = _problem("float32", 2, 300, 8, 32, 4, SMALL_LEVELS)
+    expr = _cuda.kernel_expressions(prob)[0]
+    runtime = _cuda.compile_kernel(expr, "sm_90")
+    assert "-ftz=false" in _cuda.DEFAULT_CONFIG.options and "-ftz=true" not in _cuda.DEFAULT_CONFIG.options
+    checked = _nvrtc.compile_program(_cuda.kernel_source(), (expr,), "sm_90", _cuda.DEFAULT_CONFIG.options,
+                                     ptxas_verbose=True, use_cache=False)
+    assert runtime.cubin == checked.cubin
+    flushed = _nvrtc.compile_program(_cuda.kernel_source(), (expr,), "sm_90",
+                                     [o for o in _cuda.DEFAULT_CONFIG.options if not o.startswith("-ftz")]
+                                     + ["-ftz=true"], use_cache=False)
+    assert flushed.cubin != runtime.cubin  # the flag reaches the code (else the check above proves little)
