@@ -79,3 +79,11 @@ def test_level_tables_are_cached_per_stream_and_evicted_in_lru_order():
     cache.get(b, 0, stream_ptr=1)                          # evicts the least recently used
     assert cache.get(a, 1, stream_ptr=1) is not None and len(uploads) == 4
     assert cache.get(a, 0, stream_ptr=1) is not on_s1      # on_s1 had been evicted: a fresh upload
+
+
+def test_compile_failure_names_the_kernel_and_carries_the_log(monkeypatch):
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    monkeypatch.setattr(_cuda, "kernel_source", lambda: "this is not CUDA;\n")
+    with pytest.raises(_nvrtc.NvrtcError, match=r"msda_forward_baseline<float, int>.*sm_90") as info:
+        _cuda.compile_kernel("msda_forward_baseline<float, int>", "sm_90")
+    assert "error" in str(info.value).lower() and "-ftz=false" in str(info.value)

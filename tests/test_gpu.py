@@ -240,7 +240,8 @@ def test_compile_failure_names_the_kernel_and_carries_the_log(monkeypatch):
     monkeypatch.setattr(_cuda, "kernel_source", lambda: "this is not CUDA;\n")
     try:
         with pytest.raises(RuntimeError, match=r"msda_forward_baseline<float, int>") as info:
-            _cuda._cupy_function("msda_forward_baseline<float, int>", cupy.cuda.Device().id)
+            _cuda._cupy_function("msda_forward_baseline<float, int>", cupy.cuda.Device().id,
+                                 _cuda.DEFAULT_CONFIG.options)
         assert "error" in str(info.value).lower()
     finally:
         monkeypatch.undo()
