@@ -1,0 +1,61 @@
+"""cydeform.dask: the op over dask arrays chunked along N equals one call, bit for bit."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+import dask  # noqa: E402
+
+import cydeform  # noqa: E402
+from cydeform import dask as cdask  # noqa: E402
+
+SHAPES = np.array([[6, 5], [3, 4]], dtype=np.int64)
+N, M, D, Lq, P = 5, 2, 3, 7, 2
+
+
+def problem(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    S, L = int((SHAPES[:, 0] * SHAPES[:, 1]).sum()), len(SHAPES)
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(-0.2, 1.2, (N, Lq, M, L, P, 2)).astype(dtype)
+    attn = rng.random((N, Lq, M, L, P)).astype(dtype)
+    grad = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    return value, loc, attn, grad
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_forward_and_backward_equal_one_call_bit_for_bit(chunks):
+    value, loc, attn, grad = problem()
+    dv = da.from_array(value, chunks=(chunks, -1, -1, -1))
+    # The others come unchunked or chunked differently: they are rechunked to value's N-chunks.
+    dl = da.from_array(loc, chunks=(3, -1, -1, -1, -1, -1))
+    out = cdask.ms_deform_attn(dv, SHAPES, None, dl, attn)
+    assert out.chunks[0] == dv.chunks[0]
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(out.compute(), cydeform.ms_deform_attn(value, SHAPES, None, loc, attn))
+        got = dask.compute(*cdask.ms_deform_attn_backward(da.from_array(grad, chunks=(chunks, -1, -1)),
+                                                          dv, SHAPES, None, dl, attn))
+    want = cydeform.ms_deform_attn_backward(grad, value, SHAPES, None, loc, attn)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_chunking_along_another_axis_is_refused_naming_argument_and_axis():
+    value, loc, attn, _ = problem()
+    dl = da.from_array(loc, chunks=(2, -1, 1, -1, -1, -1))
+    with pytest.raises(ValueError, match=r"sampling_locations is chunked along axis 2 \(M\)"):
+        cdask.ms_deform_attn(da.from_array(value, chunks=(2, -1, -1, -1)), SHAPES, None, dl, attn)
+
+
+def test_bad_shapes_are_refused_before_computing():
+    value, loc, attn, _ = problem()
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        cdask.ms_deform_attn(da.from_array(value, chunks=(2, -1, -1, -1)), SHAPES[:1], None, loc, attn)
+
+
+def test_importing_cydeform_does_not_import_dask():
+    code = "import sys, cydeform, cydeform.nn; print('dask' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
