@@ -59,3 +59,17 @@ def test_importing_cydeform_does_not_import_dask():
     code = "import sys, cydeform, cydeform.nn; print('dask' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_on_a_local_cluster_of_two_worker_processes():
+    distributed = pytest.importorskip("distributed")
+    value, loc, attn, grad = problem()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        dv = da.from_array(value, chunks=(2, -1, -1, -1))
+        out = client.compute(cdask.ms_deform_attn(dv, SHAPES, None, loc, attn)).result(timeout=120)
+        grads = client.compute(list(cdask.ms_deform_attn_backward(grad, dv, SHAPES, None, loc, attn)))
+        got = [f.result(timeout=120) for f in grads]
+    np.testing.assert_array_equal(out, cydeform.ms_deform_attn(value, SHAPES, None, loc, attn))
+    for g, w in zip(got, cydeform.ms_deform_attn_backward(grad, value, SHAPES, None, loc, attn)):
+        np.testing.assert_array_equal(g, w)
