@@ -73,3 +73,45 @@ def test_on_a_local_cluster_of_two_worker_processes():
     np.testing.assert_array_equal(out, cydeform.ms_deform_attn(value, SHAPES, None, loc, attn))
     for g, w in zip(got, cydeform.ms_deform_attn_backward(grad, value, SHAPES, None, loc, attn)):
         np.testing.assert_array_equal(g, w)
+
+
+def _gated_chunk(arr, gate_dir):
+    """Return ``arr``; on the first attempt, write this process's pid and block (bounded)."""
+    import os
+    import pathlib
+    import time
+
+    first = pathlib.Path(gate_dir, "first")
+    if not first.exists():
+        first.write_text(str(os.getpid()))
+        time.sleep(60)  # the test kills this process long before
+        raise RuntimeError("the test did not kill the worker")
+    pathlib.Path(gate_dir, "retry").write_text(str(os.getpid()))
+    return arr
+
+
+def test_a_worker_killed_mid_compute_gives_the_exact_result_after_retry(tmp_path):
+    import os
+    import signal
+    import time
+
+    distributed = pytest.importorskip("distributed")
+    value, loc, attn, grad = problem()
+    gated = dask.delayed(_gated_chunk, pure=False)(value[4:], str(tmp_path))
+    dv = da.concatenate([da.from_array(value[:4], chunks=(2, -1, -1, -1)),
+                         da.from_delayed(gated, shape=value[4:].shape, dtype=value.dtype)])
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        import cloudpickle
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        fut = client.compute(cdask.ms_deform_attn(dv, SHAPES, None, loc, attn))
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "first").exists() or not (tmp_path / "first").read_text():
+            assert time.monotonic() < deadline, "the gated task never started"
+            time.sleep(0.05)
+        killed = int((tmp_path / "first").read_text())
+        os.kill(killed, signal.SIGKILL)
+        out = fut.result(timeout=120)
+    retried = int((tmp_path / "retry").read_text())
+    assert retried != killed
+    np.testing.assert_array_equal(out, cydeform.ms_deform_attn(value, SHAPES, None, loc, attn))
