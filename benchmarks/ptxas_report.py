@@ -43,6 +43,7 @@ if str(HERE) not in sys.path:
 
 from cydeform import _cuda, _nvrtc, _validate  # noqa: E402
 from cydeform.bench.problems import LEVELS, D, M, P  # noqa: E402
+import tuning_table  # noqa: E402
 
 # ---- sm_90 occupancy (cuda_occupancy.h's arithmetic, Hopper limits) ----------------
 
@@ -227,6 +228,36 @@ def compile_report(exprs, arch="sm_90", extra_options=(), want_cubin=False):
     return report, (program.cubin if want_cubin else None)
 
 
+def compile_variants(dtype):
+    """(label, expressions, extra NVRTC options) of the variants benchmarks/tune_gpu.py tries."""
+    out = []
+    try:
+        prob = problem("encoder1", dtype)
+        swap = None
+    except ImportError:  # bfloat16 without ml_dtypes: derive from float16
+        prob = problem("encoder1", "float16")
+        swap = "cyd_bf16"
+    itemsize = np.dtype(prob.dtype).itemsize
+    index = _cuda.index_ctype(prob)
+
+    def fix(exprs):
+        return [e.replace("cyd_half", swap) for e in exprs] if swap else exprs
+
+    for (J, G), label, _ in tuning_table.LAYOUTS[itemsize]:
+        lay = tuning_table.make_layout(prob, J, G)
+        exprs = [_cuda._fast_expr("msda_forward", prob, index, lay),
+                 _cuda._fast_expr("msda_backward", prob, index, lay, True),
+                 _cuda._fast_expr("msda_backward", prob, index, lay, False)]
+        out.append((f"layout {label.split(':')[0]}", fix(exprs), ()))
+    lay = _cuda.channel_layout(prob, True)
+    fast = [_cuda._fast_expr("msda_forward", prob, index, lay),
+            _cuda._fast_expr("msda_backward", prob, index, lay, True),
+            _cuda._fast_expr("msda_backward", prob, index, lay, False)]
+    for cap, _ in tuning_table.REG_CAPS:
+        out.append((f"--maxrregcount={cap}", fix(fast), (f"--maxrregcount={cap}",)))
+    return out
+
+
 # ---- SASS instruction classes (optional) ---------------------------------------------
 
 SASS_CLASSES = [  # (column, regex on the opcode)
@@ -378,7 +409,6 @@ def main(argv=None):
         sass_table(out, sass_wanted)
 
     if not args.no_tuning:
-        import tune_gpu
 
         out("## Variants benchmarks/tune_gpu.py tries (encoder1, aligned)\n")
         out("Channel layouts other than the default, and register caps (`--maxrregcount`) on the default "
@@ -387,7 +417,7 @@ def main(argv=None):
         out("|" + "---|" * (HEADER.count("|")))
         tuning_sass = []
         for dtype in DTYPES:
-            for label, exprs, opts in tune_gpu.compile_variants(dtype):
+            for label, exprs, opts in compile_variants(dtype):
                 try:
                     rep, cubin = compile_report(exprs, args.arch, extra_options=opts, want_cubin=args.sass)
                     if args.sass:
