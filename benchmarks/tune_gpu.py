@@ -576,14 +576,13 @@ class Session:
     def one_experiment(self, ex, call, dtype, dist, direction, pred):
         default = self.time(self.fns(call, dtype, dist, direction), flush=False)
         fn = self.fns(call, dtype, dist, direction, call_kw={**ex.call_kw, "config": config_for(**ex.kw)})
-        if True:  # (the configuration travels with the call: nothing global to restore)
-            restore = self.set_carveout(ex, call, dtype, dist, direction) if ex.carveout is not None else None
-            try:
-                check = self.check(call, dtype, dist, direction, fn)
-                var = self.time(fn, flush=ex.flush_l2)
-            finally:
-                if restore:
-                    restore()
+        restore = self.set_carveout(ex, call, dtype, dist, direction) if ex.carveout is not None else None
+        try:
+            check = self.check(call, dtype, dist, direction, fn)
+            var = self.time(fn, flush=ex.flush_l2)
+        finally:
+            if restore:
+                restore()
         self.results["experiments"].append(dict(name=ex.name, call=call, dtype=dtype, dist=dist, direction=direction,
                                                 default=default, variant=var, check=check, prediction=ex.prediction))
         ratio = var["median"] / default["median"]

@@ -289,10 +289,10 @@ def kernel_expressions(prob, *, aligned: bool = True, specialize: bool = True, i
 
 # ---- the CuPy runtime ------------------------------------------------------------------
 
-def compile_kernel(expr: str, arch: str, config: LaunchConfig = DEFAULT_CONFIG) -> _nvrtc.Program:
-    """NVRTC-compile kernel ``expr`` for ``arch`` exactly as the CuPy runtime does
-    (``kernel_source()``, ``config.options``); no GPU needed."""
-    return _nvrtc.compile_program(kernel_source(), (expr,), arch, config.options)
+def compile_kernel(expr: str, arch: str, options: tuple = DEFAULT_CONFIG.options) -> _nvrtc.Program:
+    """NVRTC-compile kernel ``expr`` for ``arch`` with ``options``: the CuPy runtime's
+    compile (``kernel_source()``); no GPU needed."""
+    return _nvrtc.compile_program(kernel_source(), (expr,), arch, options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -308,7 +308,7 @@ def _cupy_function(expr: str, device_id: int, options: tuple):
     """Kernel ``expr`` compiled for device ``device_id`` and loaded, once per process."""
     import cupy
 
-    program = _nvrtc.compile_program(kernel_source(), (expr,), _device_arch(device_id), options)
+    program = compile_kernel(expr, _device_arch(device_id), options)
     with cupy.cuda.Device(device_id):
         module = cupy.cuda.function.Module()
         try:
