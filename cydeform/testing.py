@@ -30,7 +30,7 @@ try:
     from hypothesis import HealthCheck, given, settings, strategies as st
 except ImportError as exc:  # pragma: no cover - exercised in a venv without hypothesis
     raise ImportError("cydeform.testing needs hypothesis: pip install hypothesis "
-                      "(or pip install 'cydeform[test]')") from exc
+                      "(or pip install 'cydeform[testing]')") from exc
 
 from .reference import ms_deform_attn_backward_reference, ms_deform_attn_reference
 
