@@ -89,7 +89,7 @@ def backend(request):
 
 def test_every_property_of_the_kit(backend):
     results = testing.check_implementation(backend.forward, backend.backward, dtypes=(np.float32, np.float64),
-                                           max_examples=20, verbose=False)
+                                           max_examples=40, verbose=False)
     assert {k: v for k, v in results.items() if v is not None} == {}
 
 

@@ -194,31 +194,6 @@ def _random_problem(rng, dtype, N, Lq, M, D, P, sides, nonfinite=False):
                 attention_weights=rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("mode", MODES)
-def test_cell_boundaries_follow_the_reference(rt, dtype, mode):
-    """Points exactly on texel-cell edges (x or y = -1, 0, W-1, W, ...), where the location
-    gradient jumps: the kernels must pick the reference's cell, bit for bit."""
-    rng = np.random.default_rng(7)
-    sides = [(4, 8), (3, 5)]  # power-of-two and other widths
-    p = _random_problem(rng, dtype, 2, 5, 2, 12, 3, sides)
-    loc = p["sampling_locations"].astype(np.float64)
-    for l, (H, W) in enumerate(sides):
-        # loc = (k + 0.5) / W puts x on the integer k (exactly when the division is exact).
-        kx = rng.integers(-1, W + 1, size=loc[:, :, :, l, :, 0].shape)
-        ky = rng.integers(-1, H + 1, size=loc[:, :, :, l, :, 1].shape)
-        loc[:, :, :, l, :, 0] = np.where(rng.random(kx.shape) < 0.7, (kx + 0.5) / W, loc[:, :, :, l, :, 0])
-        loc[:, :, :, l, :, 1] = np.where(rng.random(ky.shape) < 0.7, (ky + 0.5) / H, loc[:, :, :, l, :, 1])
-    p["sampling_locations"] = loc.astype(dtype)
-    grad = grad_output_for(p)
-    out, grads = run(rt, p, grad, mode)
-    tol = RTOL[dtype]
-    assert_matches(out, ms_deform_attn_reference(*args(p)), tol, "output")
-    ref = ms_deform_attn_backward_reference(grad, *args(p))
-    for name, a, b in zip(("grad_value", "grad_loc", "grad_attn"), grads, ref):
-        assert_matches(a, b, tol, name)
-
-
 def test_nonfinite_rows_and_far_points(rt):
     """A NaN location makes its (n, q, m) row NaN and its own gradients NaN, nothing else;
     a finite point far outside adds nothing and has zero gradients."""
@@ -365,28 +340,6 @@ def test_harness_rejects_shuffles_a_gpu_would_not_run(rt, kernel):
     out = np.empty(300, np.float32)
     with pytest.raises(HarnessError):
         rt.launch(kernel, 300, (out, np.int64(300)))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_points_outside_the_map_ignore_nonfinite_weights_and_grad_output(rt, dtype):
-    """A point outside the map has exactly zero gradients even with a NaN weight or in a
-    row whose grad_output is NaN; everything matches the CPU backend."""
-    rng = np.random.default_rng(11)
-    p = _random_problem(rng, dtype, 1, 4, 2, 8, 2, [(3, 4), (2, 2)])
-    loc, attn = p["sampling_locations"], p["attention_weights"]
-    loc[0, 0, 0, 0, 0] = (5.0, 0.5)          # outside the map ...
-    attn[0, 0, 0, 0, 0] = np.nan              # ... with a NaN weight
-    loc[0, 1, 1, 1, 1] = (-3.0, 0.5)         # outside, in row (0, 1, 1) whose grad_output is NaN
-    grad = grad_output_for(p)
-    grad[0, 1, 8:] = np.nan
-    cpu_grads = cydeform.ms_deform_attn_backward(grad, *args(p))
-    for mode in MODES:
-        out, grads = run(rt, p, grad, mode)
-        assert grads[1][0, 0, 0, 0, 0].tolist() == [0.0, 0.0] and grads[2][0, 0, 0, 0, 0] == 0, mode
-        assert grads[1][0, 1, 1, 1, 1].tolist() == [0.0, 0.0] and grads[2][0, 1, 1, 1, 1] == 0, mode
-        assert_matches(out, cydeform.ms_deform_attn(*args(p)), RTOL[dtype], "output")
-        for name, a, b in zip(("grad_value", "grad_loc", "grad_attn"), grads, cpu_grads):
-            assert_matches(a, b, RTOL[dtype], f"{mode} {name}")
 
 
 def _shared_equals_fast(rt, p, **kw):
