@@ -31,7 +31,7 @@ table, the loop and the report formatting are tested here (tests/test_gpu_script
 ``--dry-run --compile`` also compiles every recorded kernel variant with NVRTC (with the
 experiment's options) when CuPy's NVRTC bindings are present. The former
 ``--host-check`` (alternative layouts on the CPU host harness) is gone: benchmarks do
-not import tests/; that check belongs in the test suite.
+not import tests/; tests/test_cuda_layouts.py checks the same layouts there.
 """
 from __future__ import annotations
 
