@@ -10,24 +10,28 @@ For the lent H100 session (see benchmarks/NOTES.md, "How to run on the lent GPU"
     both location distributions, with the fraction of the DRAM floor at the measured
     copy bandwidth; the decoder call end to end through the public API (wall clock) and
     a breakdown of its host overhead; the targets of the CUDA issue checked;
-(c) tuning experiments that need no source edit (a cydeform._cuda.LaunchConfig each:
-    channel layout J/G, compile-time sizes, block size, grid cap, extra NVRTC options such
-    as --maxrregcount, the L1/shared carveout, 64-bit offsets, cold L2). Each prints
-    its written-down prediction beside the measurement and a correctness check
-    against the default kernel's result.
+(c) tuning experiments that need no source edit: the table EXPERIMENTS, one entry per
+    experiment (what to vary: a cydeform._cuda.LaunchConfig field, an NVRTC option, a
+    kernel variant or a timing condition; which calls, dtypes, location distributions
+    and directions to time; the written-down prediction), run by one loop that times
+    each cell beside the default kernel and checks its result against the default's.
 
-Writes DIR/tune_report.md (rewritten after every section, so a run cut short still
-leaves a report) and DIR/tune_results.json. Every measurement and experiment is
-guarded: a failure prints its error and the run goes on. ``--budget-s`` stops starting
-new experiments when the time is spent.
+Writes DIR/tune_report.md (rewritten after every section and every experiment, so a run
+cut short still leaves a report) and DIR/tune_results.json. Every measurement and
+experiment is guarded: a failure prints its error and the run goes on. ``--budget-s``
+stops starting new measurements when the time is spent.
 
-``--dry-run``: no CuPy, no GPU. Runs the same host logic with NumPy arrays, a runtime
-that records launches instead of running them, and a fake timer (numbers marked
-FAKE), so the argument parsing, the knobs, the experiment list and the report
-formatting are tested here (tests/test_gpu_scripts.py). ``--dry-run --compile`` also compiles every recorded
-kernel variant with NVRTC (with the experiment's options) when CuPy's NVRTC bindings
-are present. ``--dry-run --host-check`` runs the alternative channel layouts through
-the CPU host harness (tests/cuda_host) against the float64 reference.
+No GPU needed:
+``--list``: print every experiment of the table with its config and cells, validated
+against the library (LaunchConfig, _cuda.check_limits, _cuda.channel_layout, and the
+orchestration run on a runtime that records launches); exit 1 on an invalid entry.
+``--dry-run``: no CuPy, no GPU. Runs the same host logic with NumPy arrays, the
+recording runtime and a fake timer (numbers marked FAKE), so the argument parsing, the
+table, the loop and the report formatting are tested here (tests/test_gpu_scripts.py).
+``--dry-run --compile`` also compiles every recorded kernel variant with NVRTC (with the
+experiment's options) when CuPy's NVRTC bindings are present. The former
+``--host-check`` (alternative layouts on the CPU host harness) is gone: benchmarks do
+not import tests/; tests/test_cuda_layouts.py checks the same layouts there.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -59,8 +63,8 @@ from cydeform.bench.problems import make_problem  # noqa: E402
 from tuning_table import BLOCKS, LAYOUTS, REG_CAPS, SHARED_GEOMETRY_PREDICTION  # noqa: E402
 
 CALLS = list(bench_gpu.CALLS)  # encoder1, encoder2, decoder
-MAIN_DTYPES = ["float32", "float16", "bfloat16"]
-DISTS = ["uniform", "local"]
+MAIN_DTYPES = ("float32", "float16", "bfloat16")
+DISTS = ("uniform", "local")
 
 # Targets of the CUDA issue (H100), microseconds.
 TARGETS = {
@@ -89,74 +93,6 @@ def floors_us(prob, backward, copy_gbs, sms=132):
     l1_bw = sms * L1_BYTES_PER_CLK_PER_SM * SM_CLOCK_GHZ * 1e9
     l1 = gather_bytes(prob) * (2 if backward else 1) / l1_bw * 1e6
     return dram, l1
-
-
-# ---- knobs -----------------------------------------------------------------------------
-
-def config_for(block=None, max_grid=None, options=None, layout=None, base=_cuda.DEFAULT_CONFIG):
-    """The LaunchConfig of an experiment: block size, grid cap, extra NVRTC options
-    (appended to the default ones), (J, G) layout forced for aligned calls."""
-    kw = {}
-    if block is not None:
-        kw["block"] = int(block)
-    if max_grid is not None:
-        kw["max_grid"] = int(max_grid)
-    if options:
-        kw["options"] = (*base.options, *options)
-    if layout is not None:
-        kw["layout"] = tuple(layout)
-    return dataclasses.replace(base, **kw)
-
-
-# ---- experiments --------------------------------------------------------------------
-
-@dataclass
-class Experiment:
-    name: str
-    prediction: str
-    kw: dict = field(default_factory=dict)      # config_for(**kw)
-    call_kw: dict = field(default_factory=dict)  # _forward/_backward keyword arguments
-    dtypes: tuple = ("float32", "float16")
-    dists: tuple = ("uniform", "local")
-    calls: tuple = ("encoder1",)
-    directions: tuple = ("fwd", "bwd")
-    flush_l2: bool = False
-    carveout: int | None = None
-
-
-def experiments(sms=132):
-    """The tuning grid, largest predicted gain first (METHOD: try the largest first)."""
-    ex = [Experiment("repeat default", "identical config timed again: within +-2% (the noise floor for "
-                     "every comparison below)")]
-    ex.append(Experiment("shared geometry (forward)", SHARED_GEOMETRY_PREDICTION, call_kw=dict(variant="shared"),
-                         dtypes=("float32", "float16", "bfloat16"), directions=("fwd",)))
-    for itemsize, dtypes in ((4, ("float32",)), (2, ("float16", "bfloat16")), (8, ("float64",))):
-        for (J, G), label, pred in LAYOUTS[itemsize]:
-            ex.append(Experiment(f"layout {label.split(':')[0]}", f"{label}. Prediction: {pred}",
-                                 kw=dict(layout=(J, G)), dtypes=dtypes,
-                                 dists=("uniform", "local") if itemsize != 8 else ("uniform",)))
-    ex.append(Experiment("maxrregcount=64", REG_CAPS[0][1], kw=dict(options=("--maxrregcount=64",)),
-                         dtypes=("float32", "float16", "bfloat16")))
-    for block, pred in BLOCKS:
-        ex.append(Experiment(f"BLOCK={block}", pred, kw=dict(block=block)))
-    ex.append(Experiment("maxrregcount=64 + BLOCK=128", "combined: 64 regs at 128 threads = 32 warps/SM (50%); "
-                         "gain = the better of the two alone, +0-3%", kw=dict(options=("--maxrregcount=64",), block=128)))
-    ex.append(Experiment("maxrregcount=48", REG_CAPS[1][1], kw=dict(options=("--maxrregcount=48",)),
-                         dtypes=("float32",)))
-    ex.append(Experiment("specialize off", "runtime L/P/D loops, J=1, G=8 (fp32) / 4 (half): slower by 1.2-1.6x "
-                         "(no unrolling: fewer loads in flight, more geometry lanes for fp32)",
-                         call_kw=dict(specialize=False)))
-    ex.append(Experiment("64-bit offsets", "index64=True: more IMAD/LEA per address: slower by 0-10%",
-                         call_kw=dict(index64=True), dtypes=("float32",)))
-    ex.append(Experiment(f"persistent grid ({sms}x3 blocks)", "grid-stride with one resident wave: within +-5% "
-                         "(the wave quantisation moves into the per-thread loop)", kw=dict(max_grid=sms * 3),
-                         dtypes=("float32",)))
-    ex.append(Experiment("L1 carveout 0 (max L1)", "driver already gives a 0-smem kernel the largest L1: within "
-                         "+-3%", carveout=0, dtypes=("float32",)))
-    ex.append(Experiment("cold L2 (flushed before each run)", "not a knob: how much the warm-L2 numbers flatter. "
-                         "encoder fp32 fwd +3-10 us (value 22.8 MB and loc/attn from DRAM), decoder +2-6 us",
-                         flush_l2=True, dtypes=("float32",), calls=("encoder1", "decoder"), dists=("uniform",)))
-    return ex
 
 
 # ---- runtimes for the dry run --------------------------------------------------------
@@ -228,11 +164,153 @@ class EventTimer(bench_gpu.Timer):
                     enqueue=statistics.median(enqueue) * 1e6, n=repeat)
 
 
+# ---- the experiment table ----------------------------------------------------------
+
+
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the tuning table: what to vary, on which calls, and the prediction.
+
+    The variant is ``_cuda.DEFAULT_CONFIG`` with ``block`` / ``grid_waves`` (max_grid =
+    grid_waves x SMs) / extra NVRTC ``options`` / forced ``layout`` (J, G) replaced, plus
+    keyword arguments of ``_cuda._forward`` / ``_cuda._backward`` (``call_kw``: variant,
+    specialize, index64). ``flush_l2`` and ``carveout`` change how it is timed, not what
+    runs. Each (call, dtype, dist, direction) cell is timed beside the default kernel.
+    """
+
+    name: str
+    prediction: str
+    block: int | None = None
+    grid_waves: int | None = None
+    options: tuple = ()
+    layout: tuple | None = None
+    call_kw: tuple = ()  # (key, value) pairs: hashable, printed as given
+    dtypes: tuple = ("float32", "float16")
+    dists: tuple = DISTS
+    calls: tuple = ("encoder1",)
+    directions: tuple = ("fwd", "bwd")
+    flush_l2: bool = False
+    carveout: int | None = None
+
+    def config(self, sms=132, base=_cuda.DEFAULT_CONFIG):
+        """The LaunchConfig of this experiment (validated by LaunchConfig itself)."""
+        kw = {}
+        if self.block is not None:
+            kw["block"] = self.block
+        if self.grid_waves is not None:
+            kw["max_grid"] = sms * self.grid_waves
+        if self.options:
+            kw["options"] = (*base.options, *self.options)
+        if self.layout is not None:
+            kw["layout"] = tuple(self.layout)
+        return dataclasses.replace(base, **kw)
+
+    def cells(self):
+        """(call, dtype, dist, direction) in the order they are timed."""
+        return [(c, t, s, d) for c in self.calls for t in self.dtypes for s in self.dists for d in self.directions]
+
+
+def _layout_rows():
+    dtypes = {4: ("float32",), 2: ("float16", "bfloat16"), 8: ("float64",)}
+    return [Experiment(f"layout {label.split(':')[0]}", f"{label}. Prediction: {pred}", layout=(J, G),
+                       dtypes=dtypes[itemsize], dists=DISTS if itemsize != 8 else ("uniform",))
+            for itemsize in (4, 2, 8) for (J, G), label, pred in LAYOUTS[itemsize]]
+
+
+# Largest predicted gain first (METHOD: try the largest first); "repeat default" is the noise floor.
+EXPERIMENTS = (
+    Experiment("repeat default", "identical config timed again: within +-2% (the noise floor for every "
+               "comparison below)"),
+    Experiment("shared geometry (forward)", SHARED_GEOMETRY_PREDICTION, call_kw=(("variant", "shared"),),
+               dtypes=MAIN_DTYPES, directions=("fwd",)),
+    *_layout_rows(),
+    Experiment("maxrregcount=64", REG_CAPS[0][1], options=("--maxrregcount=64",), dtypes=MAIN_DTYPES),
+    *(Experiment(f"BLOCK={block}", pred, block=block) for block, pred in BLOCKS),
+    Experiment("maxrregcount=64 + BLOCK=128", "combined: 64 regs at 128 threads = 32 warps/SM (50%); gain = the "
+               "better of the two alone, +0-3%", options=("--maxrregcount=64",), block=128),
+    Experiment("maxrregcount=48", REG_CAPS[1][1], options=("--maxrregcount=48",), dtypes=("float32",)),
+    Experiment("specialize off", "runtime L/P/D loops, J=1, G=8 (fp32) / 4 (half): slower by 1.2-1.6x (no "
+               "unrolling: fewer loads in flight, more geometry lanes for fp32)", call_kw=(("specialize", False),)),
+    Experiment("64-bit offsets", "index64=True: more IMAD/LEA per address: slower by 0-10%",
+               call_kw=(("index64", True),), dtypes=("float32",)),
+    Experiment("persistent grid (3 blocks per SM)", "grid-stride with one resident wave: within +-5% (the wave "
+               "quantisation moves into the per-thread loop)", grid_waves=3, dtypes=("float32",)),
+    Experiment("L1 carveout 0 (max L1)", "driver already gives a 0-smem kernel the largest L1: within +-3%",
+               carveout=0, dtypes=("float32",)),
+    Experiment("cold L2 (flushed before each run)", "not a knob: how much the warm-L2 numbers flatter. encoder "
+               "fp32 fwd +3-10 us (value 22.8 MB and loc/attn from DRAM), decoder +2-6 us", flush_l2=True,
+               dtypes=("float32",), calls=("encoder1", "decoder"), dists=("uniform",)),
+)
+
+
+def select(names=None):
+    """The table's entries whose name contains one of ``names`` (all when None/empty)."""
+    if not names:
+        return list(EXPERIMENTS)
+    return [e for e in EXPERIMENTS if any(s.lower() in e.name.lower() for s in names)]
+
+
+def validate_table(experiments=EXPERIMENTS, sms=132, rt=None):
+    """Check every experiment against the library before a GPU is spent on it.
+
+    For each entry: its LaunchConfig (block, grid, forced layout), every cell's problem
+    through ``_cuda.check_limits``, the forced layout through ``_cuda.channel_layout``,
+    and the kernels it launches, recorded on ``rt`` (a RecordingRuntime) by running the
+    orchestration with NumPy arrays. Returns {name: [error, ...]} (empty lists: valid).
+    """
+    rt = rt or RecordingRuntime()
+    inputs = {}
+    errors = {}
+    for ex in experiments:
+        errs = errors.setdefault(ex.name, [])
+        try:
+            config = ex.config(sms)
+        except Exception as exc:
+            errs.append(f"config: {type(exc).__name__}: {exc}")
+            continue
+        for call, dtype, dist, direction in ex.cells():
+            try:
+                if (call, dtype, dist) not in inputs:
+                    inputs[call, dtype, dist] = host_inputs(call, dtype, dist)
+                prob = inputs[call, dtype, dist][0]
+                _cuda.check_limits(prob)
+                _cuda.channel_layout(prob, True, config=config)
+                run_cell(rt, inputs[call, dtype, dist], direction, call_kw={**dict(ex.call_kw), "config": config})()
+            except Exception as exc:
+                errs.append(f"{call} {dtype} {dist} {direction}: {type(exc).__name__}: {exc}")
+    return errors
+
+
+def host_inputs(call, dtype, dist):
+    """A benchmark call's inputs as NumPy arrays (the dry run's stand-in for bench_gpu._inputs)."""
+    _, N, Lq = bench_gpu.CALLS[call]
+    dt = bench_gpu._dtype(dtype)
+    value, shapes, starts, loc, attn = make_problem(N=N, Lq=Lq, distribution=dist, dtype=np.float32)
+    value, loc, attn = (a.astype(dt) for a in (value, loc, attn))
+    prob = _validate.check_problem(value, shapes, starts, loc, attn, _validate.GPU_DTYPES)
+    grad = np.ones((prob.N, prob.Lq, prob.M * prob.D), dtype=dt)
+    return prob, value, shapes, starts, loc, attn, grad
+
+
+def run_cell(rt, inputs, direction, mode="fast", call_kw=None):
+    """A no-argument function that runs one direction of one call on ``rt``.
+
+    mode: 'fast', 'baseline' or 'det' (deterministic backward); ``call_kw`` are keyword
+    arguments of _cuda._forward / _cuda._backward (config, variant, specialize, index64).
+    """
+    prob, value, _, _, loc, attn, grad = inputs
+    kw = dict(call_kw or {})
+    variant = kw.pop("variant", "baseline" if mode == "baseline" else "fast")
+    if direction == "fwd":
+        return lambda: _cuda._forward(rt, prob, value, loc, attn, variant=variant, **kw)
+    if mode == "det":
+        return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, deterministic=True, **kw)
+    return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, variant=variant, **kw)
+
+
 # ---- the session ----------------------------------------------------------------------
-
-def _dtype(name):
-    return bench_gpu._dtype(name)
-
 
 class Session:
     def __init__(self, args):
@@ -292,27 +370,13 @@ class Session:
             if len(self.inputs) > 6:  # keep device memory bounded
                 self.inputs.pop(next(iter(self.inputs)))
             if self.dry:
-                _, N, Lq = bench_gpu.CALLS[call]
-                dt = _dtype(dtype)
-                value, shapes, starts, loc, attn = make_problem(N=N, Lq=Lq, distribution=dist, dtype=np.float32)
-                value, loc, attn = (a.astype(dt) for a in (value, loc, attn))
-                prob = _validate.check_problem(value, shapes, starts, loc, attn, _validate.GPU_DTYPES)
-                grad = np.ones((prob.N, prob.Lq, prob.M * prob.D), dtype=dt)
-                self.inputs[key] = (prob, value, shapes, starts, loc, attn, grad)
+                self.inputs[key] = host_inputs(call, dtype, dist)
             else:
                 self.inputs[key] = bench_gpu._inputs(call, dtype, dist)
         return self.inputs[key]
 
     def fns(self, call, dtype, dist, direction, mode="fast", call_kw=None):
-        prob, value, _, _, loc, attn, grad = self.get_inputs(call, dtype, dist)
-        kw = dict(call_kw or {})
-        rt = self.rt
-        variant = kw.pop("variant", "baseline" if mode == "baseline" else "fast")
-        if direction == "fwd":
-            return lambda: _cuda._forward(rt, prob, value, loc, attn, variant=variant, **kw)
-        if mode == "det":
-            return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, deterministic=True, **kw)
-        return lambda: _cuda._backward(rt, prob, grad, value, loc, attn, variant=variant, **kw)
+        return run_cell(self.rt, self.get_inputs(call, dtype, dist), direction, mode, call_kw)
 
     def flush_fn(self):
         if self.dry:
@@ -535,47 +599,36 @@ class Session:
         validate = med(lambda: _validate.check_problem(value, shapes, starts, loc, attn, _validate.GPU_DTYPES), sync)
         return dict(validate=validate, fwd_enqueue=med(fwd, sync), bwd_enqueue=med(bwd, sync), launch_sync=launch_sync)
 
-    # ---- (c) experiments
+    # ---- (c) experiments: one loop over the table
     def run_experiments(self):
         sms = self.results["meta"].get("sms", 132)
         head = ("| experiment | call | dtype | locations | dir | default us | variant us (p10-p90) | ratio "
                 "(<1 = faster) | check | prediction |")
         rows = [head, "|" + "---|" * (head.count("|") - 1)]
-        selected = experiments(sms)
-        if self.args.only:
-            selected = [e for e in selected if any(s.lower() in e.name.lower() for s in self.args.only)]
-        for ex in selected:
+        for ex in select(self.args.only):
             print(f"\n# experiment: {ex.name}\n  prediction: {ex.prediction}", flush=True)
-            first = True
-            for call in ex.calls:
-                for dtype in ex.dtypes:
-                    for dist in ex.dists:
-                        for direction in ex.directions:
-                            cell = f"| {ex.name if first else ''} | {call} | {dtype} | {dist} | {direction} "
-                            pred = ex.prediction if first else ""
-                            if self.over_budget():
-                                rows.append(cell + f"| skipped: time budget ({self.args.budget_s:.0f} s) | | | | | |")
-                                first = False
-                                continue
-                            try:
-                                rows.append(cell + self.one_experiment(ex, call, dtype, dist, direction, pred))
-                            except Exception as exc:
-                                rows.append(cell + f"| {self.error(f'{ex.name} {call} {dtype} {dist} {direction}', exc)}"
-                                                   f" | | | | | {pred} |")
-                            first = False
-                            print(rows[-1], flush=True)
+            for i, (call, dtype, dist, direction) in enumerate(ex.cells()):
+                cell = f"| {'' if i else ex.name} | {call} | {dtype} | {dist} | {direction} "
+                pred = "" if i else ex.prediction
+                if self.over_budget():
+                    rows.append(cell + f"| skipped: time budget ({self.args.budget_s:.0f} s) | | | | | |")
+                    continue
+                try:
+                    rows.append(cell + self.one_experiment(ex, sms, call, dtype, dist, direction, pred))
+                except Exception as exc:
+                    where = f"{ex.name} {call} {dtype} {dist} {direction}"
+                    rows.append(cell + f"| {self.error(where, exc)} | | | | | {pred} |")
+                print(rows[-1], flush=True)
             self.sections = [s for s in self.sections if s[0] != "Experiments"]
-            self.section_quiet("Experiments", "\n".join(rows))
+            self.sections.append(("Experiments", "\n".join(rows)))
+            self.write()  # after every experiment: a run cut short keeps what it measured
+        self.sections = [s for s in self.sections if s[0] != "Experiments"]
         self.section("Experiments", "\n".join(rows) + "\n\nratio = variant / default median, both timed in the "
                      "same run. A difference inside the 'repeat default' spread is noise.")
 
-    def section_quiet(self, title, body):
-        self.sections.append((title, body))
-        self.write()
-
-    def one_experiment(self, ex, call, dtype, dist, direction, pred):
+    def one_experiment(self, ex, sms, call, dtype, dist, direction, pred):
         default = self.time(self.fns(call, dtype, dist, direction), flush=False)
-        fn = self.fns(call, dtype, dist, direction, call_kw={**ex.call_kw, "config": config_for(**ex.kw)})
+        fn = self.fns(call, dtype, dist, direction, call_kw={**dict(ex.call_kw), "config": ex.config(sms)})
         restore = self.set_carveout(ex, call, dtype, dist, direction) if ex.carveout is not None else None
         try:
             check = self.check(call, dtype, dist, direction, fn)
@@ -630,48 +683,28 @@ def dry_compile(session):
     session.section("Dry run: NVRTC compile of every recorded launch", "\n".join(rows))
 
 
-def host_check(session):
-    """Alternative layouts on the CPU host harness against the float64 reference (small problem)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from cuda_host.host_runtime import HostRuntime, find_compiler
-
-    from cydeform.reference import ms_deform_attn_backward_reference, ms_deform_attn_reference
-
-    if find_compiler() is None:
-        print("host check skipped: no C++ compiler")
-        return
-    levels = np.array([[6, 7], [3, 4], [2, 2], [1, 1]], dtype=np.int64)
-    value, shapes, starts, loc, attn = make_problem(N=2, Lq=5, distribution="uniform", dtype=np.float64,
-                                                    seed=3, levels=levels)
-    loc = loc * 1.6 - 0.3
-    rt = HostRuntime(ROOT / "build" / "tune_host_check")
-    rows = ["| dtype | layout | fwd max rel err | bwd max rel err (dV, dloc, dA) |", "|---|---|---|---|"]
-    grad = np.random.default_rng(5).standard_normal((2, 5, 8 * 32))
-    want_f = ms_deform_attn_reference(value, shapes, starts, loc, attn)
-    want_b = ms_deform_attn_backward_reference(grad, value, shapes, starts, loc, attn)
-    for dtype, itemsize in ((np.float32, 4), (np.float64, 8)):
-        v, lo, a, g = (x.astype(dtype) for x in (value, loc, attn, grad))
-        prob = _validate.check_problem(v, shapes, starts, lo, a, _validate.GPU_DTYPES)
-        for (J, G), label, _ in LAYOUTS[itemsize]:
-            try:
-                config = config_for(layout=(J, G))
-                got_f = _cuda._forward(rt, prob, v, lo, a, config=config)
-                got_b = _cuda._backward(rt, prob, g, v, lo, a, config=config)
-                ef = np.abs(got_f - want_f).max() / np.abs(want_f).max()
-                eb = [np.abs(x - w).max() / max(np.abs(w).max(), 1e-30) for x, w in zip(got_b, want_b)]
-                rows.append(f"| {np.dtype(dtype).name} | {label.split(':')[0]} | {ef:.1e} | "
-                            + ", ".join(f"{e:.1e}" for e in eb) + " |")
-            except Exception as exc:
-                rows.append(f"| {np.dtype(dtype).name} | {label.split(':')[0]} | {session.error('host check', exc)} | |")
-    session.section("Dry run: alternative layouts on the CPU host harness vs the float64 reference",
-                    "\n".join(rows))
+def list_table(only=None, sms=132):
+    """Print every selected experiment, its config and cells, and the validation; return the error count."""
+    selected = select(only)
+    errors = validate_table(selected, sms)
+    for ex in selected:
+        c = ex.config(sms) if not errors[ex.name] or not errors[ex.name][0].startswith("config") else None
+        extra = ", ".join(f"{k}={v}" for k, v in ex.call_kw)
+        print(f"{ex.name}: block={c and c.block} max_grid={c and c.max_grid} layout={c and c.layout} "
+              f"options+={list(ex.options)} {extra} flush_l2={ex.flush_l2} carveout={ex.carveout} "
+              f"cells={len(ex.cells())}: {'ok' if not errors[ex.name] else 'INVALID'}")
+        for e in errors[ex.name]:
+            print(f"  {e}")
+    n = sum(map(len, errors.values()))
+    print(f"{len(selected)} experiments, {sum(len(e.cells()) for e in selected)} cells, {n} errors")
+    return n
 
 
 # ---- main ------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="directory for tune_report.md and tune_results.json")
+    ap.add_argument("--out", help="directory for tune_report.md and tune_results.json (required unless --list)")
     ap.add_argument("--repeat", type=int, default=100, help="timed runs per measurement (median; >= 100)")
     ap.add_argument("--spin-us", type=float, default=500.0, help="spin kernel ahead of each timed call (us)")
     ap.add_argument("--budget-s", type=float, default=230.0, help="start no new measurement after this many seconds")
@@ -679,9 +712,11 @@ def parse_args(argv=None):
     ap.add_argument("--skip", nargs="*", default=[], choices=["ptxas", "baseline", "e2e", "experiments"])
     ap.add_argument("--dry-run", action="store_true", help="no GPU: fake timer, recording runtime")
     ap.add_argument("--compile", action="store_true", help="with --dry-run: NVRTC-compile every recorded launch")
-    ap.add_argument("--host-check", action="store_true", help="with --dry-run: layouts on the CPU host harness")
+    ap.add_argument("--list", action="store_true", help="no GPU: list and validate the experiment table, then exit")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks")
     args = ap.parse_args(argv)
+    if args.out is None and not args.list:
+        ap.error("--out is required (unless --list)")
     if args.repeat < 100 and not args.dry_run:
         ap.error("--repeat must be >= 100 (median of >= 100 runs)")
     return args
@@ -689,6 +724,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.list:
+        return 1 if list_table(args.only) else 0
     s = Session(args)
     steps = [("device", s.device)]
     if "ptxas" not in args.skip:
@@ -707,11 +744,6 @@ def main(argv=None):
             s.write()
     if args.dry_run and args.compile:
         dry_compile(s)
-    if args.dry_run and args.host_check:
-        try:
-            host_check(s)
-        except Exception as exc:
-            s.error("host check", exc)
     s.results["meta"]["elapsed_s"] = s.elapsed()
     s.write()
     print(f"\nwrote {s.out / 'tune_report.md'} and tune_results.json in {s.elapsed():.0f} s; "

@@ -42,3 +42,16 @@ def test_tune_gpu_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 errors" in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "tune_report.md").read_text().count("FAKE") > 0
+
+
+def test_tune_gpu_list_validates_every_experiment():
+    proc = subprocess.run([sys.executable, "tune_gpu.py", "--list"], cwd=ROOT / "benchmarks", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Every experiment the script ran before it became a table is still in it.
+    for name in ("repeat default", "shared geometry (forward)", "layout J=4 G=2", "layout J=8 G=1", "layout J=1 G=8",
+                 "layout J=4 G=1", "layout J=2 G=2", "layout J=4 G=4", "layout J=1 G=16", "maxrregcount=64:",
+                 "BLOCK=128", "BLOCK=512", "BLOCK=64", "maxrregcount=64 + BLOCK=128", "maxrregcount=48",
+                 "specialize off", "64-bit offsets", "persistent grid", "L1 carveout 0", "cold L2"):
+        assert name in proc.stdout, name
+    assert "20 experiments, 118 cells, 0 errors" in proc.stdout, proc.stdout[-2000:]
