@@ -120,8 +120,9 @@ def run(only=None, keep=None):
                 continue
             result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                     cwd=tree, env=env, capture_output=True, text=True)
-            verdict = "killed" if result.returncode == 1 else ("SURVIVED" if result.returncode == 0
-                                                              else f"error (pytest rc {result.returncode})")
+            # rc 1: a test failed; < 0: the mutant crashed the test process (out-of-bounds read).
+            verdict = ("killed" if result.returncode == 1 or result.returncode < 0 else
+                       "SURVIVED" if result.returncode == 0 else f"error (pytest rc {result.returncode})")
             rows.append((name, verdict, time.perf_counter() - start))
         finally:
             path.write_text(text)
