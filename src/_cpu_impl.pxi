@@ -21,7 +21,9 @@ import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport floor, isfinite, NAN
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memset
 
 ctypedef fused floating:
     float
@@ -377,6 +379,11 @@ def query_chunks(Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssi
     the extra buffer costs a pass over S*M*D, which a decoder call (300 queries) would
     not earn back.
     """
+    return _query_chunks(N, S, Lq, L, P, work)
+
+
+cdef inline Py_ssize_t _query_chunks(Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P,
+                                     int64_t work) noexcept nogil:
     if N == 1 and Lq >= 2 * _QUERY_CHUNKS and Lq * L * P >= 4 * S and work >= _min_parallel_work:
         return _QUERY_CHUNKS
     return 1
@@ -460,3 +467,84 @@ cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :,
                   &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0], &extra[0], K,
                   &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
                   &scratch[0, 0, 0], N, S, M, D, Lq, L, P)
+
+
+# C entry points for callers outside Python (cydeform.jax's XLA FFI handler calls them
+# from XLA's own threads, without the GIL). They run the same _forward/_backward as the
+# Python functions above, with the same scratch buffers, so results are bit-identical
+# to the NumPy path; the caller owns the input and output buffers (C-contiguous, sizes
+# N, S, M, D, Lq, L, P as in the module comment). They return 0, or 1 if a scratch
+# allocation failed. grad_value need not be zeroed by the caller.
+cdef int _c_forward(const floating* value, const int64_t* shapes, const int64_t* starts,
+                    const floating* loc, const floating* attn, floating* out, int64_t N, int64_t S,
+                    int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
+    if zeros == NULL:
+        return 1
+    _forward(value, shapes, starts, loc, attn, out, zeros, N, S, M, D, Lq, L, P)
+    free(zeros)
+    return 0
+
+
+cdef int _c_backward(const floating* grad_out, const floating* value, const int64_t* shapes,
+                     const int64_t* starts, const floating* loc, const floating* attn,
+                     floating* grad_value, floating* grad_loc, floating* grad_attn, int64_t N, int64_t S,
+                     int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    cdef Py_ssize_t K = _query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D)
+    cdef Py_ssize_t size = N * S * M * D
+    # As backward() above: grad_value zeroed up front, the extra chunk buffers lazily (calloc).
+    cdef floating* extra = <floating*>calloc((K - 1) * size if K > 1 else 1, sizeof(floating))
+    cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
+    cdef floating* scratch = <floating*>malloc(N * K * M * 4 * D * sizeof(floating))
+    cdef int status = 1
+    if extra != NULL and zeros != NULL and scratch != NULL:
+        memset(grad_value, 0, size * sizeof(floating))
+        _backward(grad_out, value, shapes, starts, loc, attn, grad_value, extra, K, grad_loc, grad_attn,
+                  zeros, scratch, N, S, M, D, Lq, L, P)
+        status = 0
+    free(extra)
+    free(zeros)
+    free(scratch)
+    return status
+
+
+cdef int _c_forward_f32(const float* value, const int64_t* shapes, const int64_t* starts, const float* loc,
+                        const float* attn, float* out, int64_t N, int64_t S, int64_t M, int64_t D,
+                        int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    return _c_forward(value, shapes, starts, loc, attn, out, N, S, M, D, Lq, L, P)
+
+
+cdef int _c_forward_f64(const double* value, const int64_t* shapes, const int64_t* starts, const double* loc,
+                        const double* attn, double* out, int64_t N, int64_t S, int64_t M, int64_t D,
+                        int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    return _c_forward(value, shapes, starts, loc, attn, out, N, S, M, D, Lq, L, P)
+
+
+cdef int _c_backward_f32(const float* grad_out, const float* value, const int64_t* shapes,
+                         const int64_t* starts, const float* loc, const float* attn, float* grad_value,
+                         float* grad_loc, float* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
+                         int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    return _c_backward(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
+                       N, S, M, D, Lq, L, P)
+
+
+cdef int _c_backward_f64(const double* grad_out, const double* value, const int64_t* shapes,
+                         const int64_t* starts, const double* loc, const double* attn, double* grad_value,
+                         double* grad_loc, double* grad_attn, int64_t N, int64_t S, int64_t M, int64_t D,
+                         int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    return _c_backward(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
+                       N, S, M, D, Lq, L, P)
+
+
+def c_entry_points():
+    """Internal: addresses of the C entry points, as a dict of ints.
+
+    Keys forward_f32, forward_f64, backward_f32, backward_f64; the signatures are those
+    of _c_forward_f32 etc. in src/_cpu_impl.pxi (mirrored in cydeform/kernels/jax_cpu_ffi.cc).
+    """
+    return {
+        "forward_f32": <uintptr_t><void*>_c_forward_f32,
+        "forward_f64": <uintptr_t><void*>_c_forward_f64,
+        "backward_f32": <uintptr_t><void*>_c_backward_f32,
+        "backward_f64": <uintptr_t><void*>_c_backward_f64,
+    }
