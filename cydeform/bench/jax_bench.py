@@ -1,0 +1,176 @@
+"""JAX benchmark: ``python -m cydeform.bench --jax [--repeat R] [--threads T ...] [--calls ...] [--dtype ...]``.
+
+Times, in the same run (blocks of calls per implementation, cycled so drift of a busy
+machine hits all three alike), on the decoder and encoder calls of
+``cydeform.bench.problems`` (uniform locations):
+
+- NumPy: ``cydeform.ms_deform_attn`` called directly on NumPy arrays (forward), plus
+  ``cydeform.ms_deform_attn_backward`` (forward+backward);
+- cydeform.jax: ``jax.jit`` of ``cydeform.jax.ms_deform_attn`` (forward), and of its
+  output with ``jax.vjp`` applied to a fixed cotangent (forward+backward);
+- pure JAX: :func:`pure_jax_msda`, a straightforward jitted bilinear-gather MSDA, and
+  its JAX-autodiff vjp, timed the same way.
+
+The thread count is ``cydeform.set_num_threads``; pure JAX runs on XLA's default
+thread pool (all cores) in every row, which favours it in the 1-thread rows. (Pinning
+the process to one core instead starves the JAX runtime's own threads: measured, it
+made the JAX call ~30 % slower than the NumPy one on a single core.) NumPy inputs are
+64-byte aligned like XLA's buffers (see ``_aligned``). Prints a markdown table of
+medians and the ratios cydeform.jax / NumPy (the overhead) and pure JAX / cydeform.jax
+(the speed-up).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from .problems import make_problem
+
+CALLS = {"decoder": 300, "encoder": None}
+
+
+def pure_jax_msda(value, spatial_shapes, sampling_locations, attention_weights):
+    """MSDA in plain jax.numpy: per level, four bilinear corner gathers (zero padding).
+
+    value (N, S, M, D), spatial_shapes a static sequence of (H, W), sampling_locations
+    (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P) -> (N, Lq, M*D). Same
+    convention as cydeform (grid_sample, align_corners=False); differentiable by JAX.
+    """
+    import jax.numpy as jnp
+
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    out = jnp.zeros((N, M, Lq * P, D), value.dtype)
+    start = 0
+    for lvl, (H, W) in enumerate(spatial_shapes):
+        H, W = int(H), int(W)
+        v = value[:, start:start + H * W].transpose(0, 2, 1, 3)  # (N, M, HW, D)
+        start += H * W
+        loc = sampling_locations[:, :, :, lvl].transpose(0, 2, 1, 3, 4).reshape(N, M, Lq * P, 2)
+        a = attention_weights[:, :, :, lvl].transpose(0, 2, 1, 3).reshape(N, M, Lq * P)
+        x = loc[..., 0] * W - 0.5
+        y = loc[..., 1] * H - 0.5
+        x0 = jnp.floor(x)
+        y0 = jnp.floor(y)
+        lx, ly = x - x0, y - y0
+        for dy, wy in ((0, 1 - ly), (1, ly)):
+            for dx, wx in ((0, 1 - lx), (1, lx)):
+                xi, yi = x0 + dx, y0 + dy
+                inside = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
+                idx = (jnp.clip(yi, 0, H - 1) * W + jnp.clip(xi, 0, W - 1)).astype(jnp.int32)
+                corner = jnp.take_along_axis(v, idx[..., None], axis=2)  # (N, M, Lq*P, D)
+                out = out + corner * jnp.where(inside, wy * wx * a, 0)[..., None]
+    out = out.reshape(N, M, Lq, P, D).sum(3)
+    return out.transpose(0, 2, 1, 3).reshape(N, Lq, M * D)
+
+
+def _aligned(a, alignment=64):
+    """A copy of ``a`` whose data starts on a 64-byte boundary, as XLA aligns its buffers.
+
+    NumPy puts large arrays 16 bytes past a page boundary, so a 128-byte value row
+    straddles three cache lines instead of two; on the decoder call that alone makes the
+    gathers ~1.7x slower (measured). Aligned inputs make the NumPy column measure the
+    call, not the allocator.
+    """
+    buf = np.empty(a.nbytes + alignment, np.uint8)
+    off = (-buf.ctypes.data) % alignment
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _rows(threads, calls, dtypes, repeat, cycles):
+    """Time every (call, dtype, pass, implementation) at one thread count; result rows."""
+    import jax
+    import jax.numpy as jnp
+
+    import cydeform
+    import cydeform.jax as cjax
+
+    cydeform.set_num_threads(threads)
+    rows = []
+    for call in calls:
+        for dtype in dtypes:
+            v, ss, lsi, loc, attn = make_problem(Lq=CALLS[call], dtype=np.dtype(dtype))
+            g = np.random.default_rng(1).standard_normal((1, loc.shape[1], v.shape[2] * v.shape[3])).astype(dtype)
+            v, loc, attn, g = (_aligned(x) for x in (v, loc, attn, g))
+            shapes = tuple(map(tuple, ss.tolist()))
+            jv, jl, ja, jg = (jnp.asarray(x) for x in (v, loc, attn, g))
+
+            def ours(v_, l_, a_):
+                return cjax.ms_deform_attn(v_, ss, lsi, l_, a_)
+
+            def pure(v_, l_, a_):
+                return pure_jax_msda(v_, shapes, l_, a_)
+
+            def fwd_bwd(f):
+                def run(v_, l_, a_, g_):
+                    out, vjp = jax.vjp(f, v_, l_, a_)
+                    return out, *vjp(g_)
+                return jax.jit(run)
+
+            ours_f, pure_f = jax.jit(ours), jax.jit(pure)
+            ours_fb, pure_fb = fwd_bwd(ours), fwd_bwd(pure)
+            fns = {
+                ("forward", "numpy"): lambda: cydeform.ms_deform_attn(v, ss, lsi, loc, attn),
+                ("forward", "cydeform.jax"): lambda: ours_f(jv, jl, ja).block_until_ready(),
+                ("forward", "pure JAX"): lambda: pure_f(jv, jl, ja).block_until_ready(),
+                ("forward+backward", "numpy"): lambda: (cydeform.ms_deform_attn(v, ss, lsi, loc, attn),
+                                                        cydeform.ms_deform_attn_backward(g, v, ss, lsi, loc, attn)),
+                ("forward+backward", "cydeform.jax"): lambda: jax.block_until_ready(ours_fb(jv, jl, ja, jg)),
+                ("forward+backward", "pure JAX"): lambda: jax.block_until_ready(pure_fb(jv, jl, ja, jg)),
+            }
+            times = {k: [] for k in fns}
+            for fn in fns.values():  # warm-up: compiles, page faults
+                fn()
+            # Blocks of `repeat` calls per implementation, the blocks cycled `cycles` times:
+            # drift of a busy machine hits all alike, while consecutive calls share one
+            # OpenMP thread team (the NumPy path's team belongs to the main thread, the
+            # JAX path's to an XLA thread; alternating call by call, one team's idle
+            # spinning slows the other).
+            for _ in range(cycles):
+                for k, fn in fns.items():
+                    for _ in range(repeat):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[k].append(time.perf_counter() - t0)
+            for pas in ("forward", "forward+backward"):
+                rows.append({"call": call, "dtype": dtype, "threads": threads, "pass": pas,
+                             **{impl: statistics.median(times[(pas, impl)])
+                                for impl in ("numpy", "cydeform.jax", "pure JAX")}})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per block")
+    parser.add_argument("--cycles", type=int, default=3, help="blocks per implementation (median of all calls)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="cydeform thread counts")
+    parser.add_argument("--calls", nargs="+", default=list(CALLS), choices=list(CALLS))
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+    import jax
+
+    if "float64" in args.dtype:
+        jax.config.update("jax_enable_x64", True)
+    from .cpu import _cpu_model
+
+    print(f"# cydeform.jax benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, jax {jax.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of {args.cycles} x {args.repeat} calls; "
+          f"threads = cydeform.set_num_threads (pure JAX: XLA's default thread pool, all cores)")
+    print("| call | pass | dtype | threads | NumPy direct (ms) | cydeform.jax (ms) | pure JAX (ms) "
+          "| cydeform.jax / NumPy | pure JAX / cydeform.jax |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    for t in args.threads:
+        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles):
+            n, c, p = r["numpy"], r["cydeform.jax"], r["pure JAX"]
+            print(f"| {r['call']} | {r['pass']} | {r['dtype']} | {t} | {n * 1e3:.2f} | {c * 1e3:.2f} | {p * 1e3:.1f} "
+                  f"| {c / n:.3f} | {p / c:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
