@@ -5,9 +5,12 @@ machine hits all three alike), on the decoder and encoder calls of
 ``cydeform.bench.problems`` (uniform locations):
 
 - NumPy: ``cydeform.ms_deform_attn`` called directly on NumPy arrays (forward), plus
-  ``cydeform.ms_deform_attn_backward`` (forward+backward);
-- cydeform.jax: ``jax.jit`` of ``cydeform.jax.ms_deform_attn`` (forward), and of its
-  output with ``jax.vjp`` applied to a fixed cotangent (forward+backward);
+  ``cydeform.ms_deform_attn_backward`` of that output (forward+backward);
+- cydeform.jax: ``jax.jit`` of ``cydeform.jax.ms_deform_attn`` (forward), and of the
+  output with its ``jax.vjp`` applied to the output itself, i.e. the gradient of
+  |out|^2 / 2 (forward+backward);
+- pure_callback glue: :func:`callback_msda`, what a JAX user writes without cydeform.jax
+  (``jax.custom_vjp`` over ``jax.pure_callback`` to the NumPy API), timed the same way;
 - pure JAX: :func:`pure_jax_msda`, a straightforward jitted bilinear-gather MSDA, and
   its JAX-autodiff vjp, timed the same way.
 
@@ -16,8 +19,8 @@ thread pool (all cores) in every row, which favours it in the 1-thread rows. (Pi
 the process to one core instead starves the JAX runtime's own threads: measured, it
 made the JAX call ~30 % slower than the NumPy one on a single core.) NumPy inputs are
 64-byte aligned like XLA's buffers (see ``_aligned``). Prints a markdown table of
-medians and the ratios cydeform.jax / NumPy (the overhead) and pure JAX / cydeform.jax
-(the speed-up).
+medians and the ratios cydeform.jax / NumPy (the overhead), glue / NumPy and pure JAX /
+cydeform.jax (the speed-up).
 """
 from __future__ import annotations
 
@@ -68,6 +71,35 @@ def pure_jax_msda(value, spatial_shapes, sampling_locations, attention_weights):
     return out.transpose(0, 2, 1, 3).reshape(N, Lq, M * D)
 
 
+def callback_msda(spatial_shapes, level_start_index):
+    """The glue a JAX user would write: ``custom_vjp`` over ``pure_callback`` to cydeform's NumPy API.
+
+    Returns f(value, sampling_locations, attention_weights). For comparison only: the
+    callback hands value (and takes grad_value) across as host copies.
+    """
+    import jax
+
+    import cydeform
+
+    @jax.custom_vjp
+    def f(v, l, a):
+        N, Lq, M = l.shape[:3]
+        out = jax.ShapeDtypeStruct((N, Lq, M * v.shape[3]), v.dtype)
+        return jax.pure_callback(lambda v, l, a: cydeform.ms_deform_attn(v, spatial_shapes, level_start_index, l, a),
+                                 out, v, l, a)
+
+    def fwd(v, l, a):
+        return f(v, l, a), (v, l, a)
+
+    def bwd(res, g):
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in res)
+        return jax.pure_callback(lambda g, v, l, a: cydeform.ms_deform_attn_backward(
+            g, v, spatial_shapes, level_start_index, l, a), shapes, g, *res)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def _aligned(a, alignment=64):
     """A copy of ``a`` whose data starts on a 64-byte boundary, as XLA aligns its buffers.
 
@@ -83,7 +115,7 @@ def _aligned(a, alignment=64):
     return out
 
 
-def _rows(threads, calls, dtypes, repeat, cycles):
+def _rows(threads, calls, dtypes, repeat, cycles, max_block):
     """Time every (call, dtype, pass, implementation) at one thread count; result rows."""
     import jax
     import jax.numpy as jnp
@@ -96,10 +128,9 @@ def _rows(threads, calls, dtypes, repeat, cycles):
     for call in calls:
         for dtype in dtypes:
             v, ss, lsi, loc, attn = make_problem(Lq=CALLS[call], dtype=np.dtype(dtype))
-            g = np.random.default_rng(1).standard_normal((1, loc.shape[1], v.shape[2] * v.shape[3])).astype(dtype)
-            v, loc, attn, g = (_aligned(x) for x in (v, loc, attn, g))
+            v, loc, attn = (_aligned(x) for x in (v, loc, attn))
             shapes = tuple(map(tuple, ss.tolist()))
-            jv, jl, ja, jg = (jnp.asarray(x) for x in (v, loc, attn, g))
+            jv, jl, ja = (jnp.asarray(x) for x in (v, loc, attn))
 
             def ours(v_, l_, a_):
                 return cjax.ms_deform_attn(v_, ss, lsi, l_, a_)
@@ -107,22 +138,31 @@ def _rows(threads, calls, dtypes, repeat, cycles):
             def pure(v_, l_, a_):
                 return pure_jax_msda(v_, shapes, l_, a_)
 
+            # forward+backward of the loss |out|^2 / 2: the cotangent is the output, so the
+            # backward waits for the forward as in training (with an independent cotangent
+            # XLA may run the two custom calls concurrently, which a training step cannot).
             def fwd_bwd(f):
-                def run(v_, l_, a_, g_):
+                def run(v_, l_, a_):
                     out, vjp = jax.vjp(f, v_, l_, a_)
-                    return out, *vjp(g_)
+                    return out, *vjp(out)
                 return jax.jit(run)
 
-            ours_f, pure_f = jax.jit(ours), jax.jit(pure)
-            ours_fb, pure_fb = fwd_bwd(ours), fwd_bwd(pure)
+            def numpy_fwd_bwd():
+                out = cydeform.ms_deform_attn(v, ss, lsi, loc, attn)
+                return out, *cydeform.ms_deform_attn_backward(out, v, ss, lsi, loc, attn)
+
+            glue = callback_msda(ss, lsi)
+            ours_f, glue_f, pure_f = jax.jit(ours), jax.jit(glue), jax.jit(pure)
+            ours_fb, glue_fb, pure_fb = fwd_bwd(ours), fwd_bwd(glue), fwd_bwd(pure)
             fns = {
                 ("forward", "numpy"): lambda: cydeform.ms_deform_attn(v, ss, lsi, loc, attn),
                 ("forward", "cydeform.jax"): lambda: ours_f(jv, jl, ja).block_until_ready(),
+                ("forward", "pure_callback"): lambda: glue_f(jv, jl, ja).block_until_ready(),
                 ("forward", "pure JAX"): lambda: pure_f(jv, jl, ja).block_until_ready(),
-                ("forward+backward", "numpy"): lambda: (cydeform.ms_deform_attn(v, ss, lsi, loc, attn),
-                                                        cydeform.ms_deform_attn_backward(g, v, ss, lsi, loc, attn)),
-                ("forward+backward", "cydeform.jax"): lambda: jax.block_until_ready(ours_fb(jv, jl, ja, jg)),
-                ("forward+backward", "pure JAX"): lambda: jax.block_until_ready(pure_fb(jv, jl, ja, jg)),
+                ("forward+backward", "numpy"): numpy_fwd_bwd,
+                ("forward+backward", "cydeform.jax"): lambda: jax.block_until_ready(ours_fb(jv, jl, ja)),
+                ("forward+backward", "pure_callback"): lambda: jax.block_until_ready(glue_fb(jv, jl, ja)),
+                ("forward+backward", "pure JAX"): lambda: jax.block_until_ready(pure_fb(jv, jl, ja)),
             }
             times = {k: [] for k in fns}
             for fn in fns.values():  # warm-up: compiles, page faults
@@ -134,14 +174,17 @@ def _rows(threads, calls, dtypes, repeat, cycles):
             # spinning slows the other).
             for _ in range(cycles):
                 for k, fn in fns.items():
+                    block = time.perf_counter()
                     for _ in range(repeat):
                         t0 = time.perf_counter()
                         fn()
                         times[k].append(time.perf_counter() - t0)
+                        if t0 - block > max_block:  # slow rows (pure JAX, encoder): fewer calls
+                            break
             for pas in ("forward", "forward+backward"):
                 rows.append({"call": call, "dtype": dtype, "threads": threads, "pass": pas,
                              **{impl: statistics.median(times[(pas, impl)])
-                                for impl in ("numpy", "cydeform.jax", "pure JAX")}})
+                                for impl in ("numpy", "cydeform.jax", "pure_callback", "pure JAX")}})
     return rows
 
 
@@ -149,6 +192,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=10, help="timed calls per block")
     parser.add_argument("--cycles", type=int, default=3, help="blocks per implementation (median of all calls)")
+    parser.add_argument("--max-block", type=float, default=2.0,
+                        help="seconds after which a block stops early (at least 2 calls)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="cydeform thread counts")
     parser.add_argument("--calls", nargs="+", default=list(CALLS), choices=list(CALLS))
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
@@ -160,16 +205,17 @@ def main(argv=None):
     from .cpu import _cpu_model
 
     print(f"# cydeform.jax benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, jax {jax.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of {args.cycles} x {args.repeat} calls; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of {args.cycles} blocks of {args.repeat} calls "
+          f"(fewer past {args.max_block:g} s a block); "
           f"threads = cydeform.set_num_threads (pure JAX: XLA's default thread pool, all cores)")
-    print("| call | pass | dtype | threads | NumPy direct (ms) | cydeform.jax (ms) | pure JAX (ms) "
-          "| cydeform.jax / NumPy | pure JAX / cydeform.jax |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| call | pass | dtype | threads | NumPy direct (ms) | cydeform.jax (ms) | pure_callback glue (ms) "
+          "| pure JAX (ms) | cydeform.jax / NumPy | glue / NumPy | pure JAX / cydeform.jax |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for t in args.threads:
-        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles):
-            n, c, p = r["numpy"], r["cydeform.jax"], r["pure JAX"]
-            print(f"| {r['call']} | {r['pass']} | {r['dtype']} | {t} | {n * 1e3:.2f} | {c * 1e3:.2f} | {p * 1e3:.1f} "
-                  f"| {c / n:.3f} | {p / c:.1f}x |", flush=True)
+        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles, args.max_block):
+            n, c, b, p = r["numpy"], r["cydeform.jax"], r["pure_callback"], r["pure JAX"]
+            print(f"| {r['call']} | {r['pass']} | {r['dtype']} | {t} | {n * 1e3:.2f} | {c * 1e3:.2f} | {b * 1e3:.2f} "
+                  f"| {p * 1e3:.1f} | {c / n:.3f} | {b / n:.2f} | {p / c:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
