@@ -1,7 +1,7 @@
 """JAX benchmark: ``python -m cydeform.bench --jax [--repeat R] [--threads T ...] [--calls ...] [--dtype ...]``.
 
-Times, in the same run (blocks of calls per implementation, cycled so drift of a busy
-machine hits all three alike), on the decoder and encoder calls of
+Times, in the same run (rounds of short blocks of calls per implementation, so drift of
+a busy machine hits all four alike), on the decoder and encoder calls of
 ``cydeform.bench.problems`` (uniform locations):
 
 - NumPy: ``cydeform.ms_deform_attn`` called directly on NumPy arrays (forward), plus
@@ -17,8 +17,15 @@ machine hits all three alike), on the decoder and encoder calls of
 The thread count is ``cydeform.set_num_threads``; pure JAX runs on XLA's default
 thread pool (all cores) in every row, which favours it in the 1-thread rows. (Pinning
 the process to one core instead starves the JAX runtime's own threads: measured, it
-made the JAX call ~30 % slower than the NumPy one on a single core.) NumPy inputs are
-64-byte aligned like XLA's buffers (see ``_aligned``). Prints a markdown table of
+made the JAX call ~30 % slower than the NumPy one on a single core.) The NumPy inputs
+are zero-copy views of the JAX arrays: with separate copies, each switch between the
+two paths finds the other's value array in cache, and with NumPy's own placement of
+large arrays (16 bytes past a page, so a 128-byte value row straddles three cache lines
+instead of two) the decoder forward takes ~1.7x as long; either would be measured as
+"overhead" of one side. On a 2-core VM whose second core
+other tenants share, libgomp's default (spinning) wait policy made 2-thread calls of
+the backend ~10x slower than 1-thread ones, through NumPy and JAX alike; run with
+``OMP_WAIT_POLICY=passive`` there (set before the process starts). Prints a markdown table of
 medians and the ratios cydeform.jax / NumPy (the overhead), glue / NumPy and pure JAX /
 cydeform.jax (the speed-up).
 """
@@ -100,22 +107,7 @@ def callback_msda(spatial_shapes, level_start_index):
     return f
 
 
-def _aligned(a, alignment=64):
-    """A copy of ``a`` whose data starts on a 64-byte boundary, as XLA aligns its buffers.
-
-    NumPy puts large arrays 16 bytes past a page boundary, so a 128-byte value row
-    straddles three cache lines instead of two; on the decoder call that alone makes the
-    gathers ~1.7x slower (measured). Aligned inputs make the NumPy column measure the
-    call, not the allocator.
-    """
-    buf = np.empty(a.nbytes + alignment, np.uint8)
-    off = (-buf.ctypes.data) % alignment
-    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
-def _rows(threads, calls, dtypes, repeat, cycles, max_block):
+def _rows(threads, calls, dtypes, repeat, cycles, budget):
     """Time every (call, dtype, pass, implementation) at one thread count; result rows."""
     import jax
     import jax.numpy as jnp
@@ -128,9 +120,12 @@ def _rows(threads, calls, dtypes, repeat, cycles, max_block):
     for call in calls:
         for dtype in dtypes:
             v, ss, lsi, loc, attn = make_problem(Lq=CALLS[call], dtype=np.dtype(dtype))
-            v, loc, attn = (_aligned(x) for x in (v, loc, attn))
             shapes = tuple(map(tuple, ss.tolist()))
             jv, jl, ja = (jnp.asarray(x) for x in (v, loc, attn))
+            # The NumPy path reads the JAX arrays' own memory (zero-copy views): both
+            # read the same 64-byte-aligned bytes, from equally warm caches.
+            v, loc, attn = (np.asarray(x) for x in (jv, jl, ja))
+            assert v.ctypes.data == jv.unsafe_buffer_pointer()
 
             def ours(v_, l_, a_):
                 return cjax.ms_deform_attn(v_, ss, lsi, l_, a_)
@@ -167,20 +162,23 @@ def _rows(threads, calls, dtypes, repeat, cycles, max_block):
             times = {k: [] for k in fns}
             for fn in fns.values():  # warm-up: compiles, page faults
                 fn()
-            # Blocks of `repeat` calls per implementation, the blocks cycled `cycles` times:
-            # drift of a busy machine hits all alike, while consecutive calls share one
-            # OpenMP thread team (the NumPy path's team belongs to the main thread, the
-            # JAX path's to an XLA thread; alternating call by call, one team's idle
-            # spinning slows the other).
+            # Rounds of short blocks (`repeat` calls per implementation): drift of a busy
+            # machine hits all alike at a fine grain, while the calls of a block share
+            # one OpenMP team (the NumPy path's team belongs to the main thread, the JAX
+            # path's to an XLA thread; right after a switch the other team may still be
+            # spinning, which the median of the block's calls shrugs off). An
+            # implementation that has spent `budget` seconds drops out of later rounds
+            # (pure JAX on the encoder: seconds a call).
+            spent = {k: 0.0 for k in fns}
             for _ in range(cycles):
                 for k, fn in fns.items():
-                    block = time.perf_counter()
+                    if spent[k] > budget and len(times[k]) >= 3:
+                        continue
                     for _ in range(repeat):
                         t0 = time.perf_counter()
                         fn()
                         times[k].append(time.perf_counter() - t0)
-                        if t0 - block > max_block:  # slow rows (pure JAX, encoder): fewer calls
-                            break
+                    spent[k] += sum(times[k][-repeat:])
             for pas in ("forward", "forward+backward"):
                 rows.append({"call": call, "dtype": dtype, "threads": threads, "pass": pas,
                              **{impl: statistics.median(times[(pas, impl)])
@@ -190,10 +188,10 @@ def _rows(threads, calls, dtypes, repeat, cycles, max_block):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=10, help="timed calls per block")
-    parser.add_argument("--cycles", type=int, default=3, help="blocks per implementation (median of all calls)")
-    parser.add_argument("--max-block", type=float, default=2.0,
-                        help="seconds after which a block stops early (at least 2 calls)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per block")
+    parser.add_argument("--cycles", type=int, default=10, help="rounds of blocks (median of all calls)")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds an implementation may spend on one row before it skips later rounds")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="cydeform thread counts")
     parser.add_argument("--calls", nargs="+", default=list(CALLS), choices=list(CALLS))
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
@@ -205,14 +203,14 @@ def main(argv=None):
     from .cpu import _cpu_model
 
     print(f"# cydeform.jax benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, jax {jax.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of {args.cycles} blocks of {args.repeat} calls "
-          f"(fewer past {args.max_block:g} s a block); "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of {args.cycles} rounds of {args.repeat} calls "
+          f"(fewer past {args.budget:g} s a row); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"threads = cydeform.set_num_threads (pure JAX: XLA's default thread pool, all cores)")
     print("| call | pass | dtype | threads | NumPy direct (ms) | cydeform.jax (ms) | pure_callback glue (ms) "
           "| pure JAX (ms) | cydeform.jax / NumPy | glue / NumPy | pure JAX / cydeform.jax |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for t in args.threads:
-        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles, args.max_block):
+        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles, args.budget):
             n, c, b, p = r["numpy"], r["cydeform.jax"], r["pure_callback"], r["pure JAX"]
             print(f"| {r['call']} | {r['pass']} | {r['dtype']} | {t} | {n * 1e3:.2f} | {c * 1e3:.2f} | {b * 1e3:.2f} "
                   f"| {p * 1e3:.1f} | {c / n:.3f} | {b / n:.2f} | {p / c:.1f}x |", flush=True)
