@@ -107,7 +107,7 @@ def callback_msda(spatial_shapes, level_start_index):
     return f
 
 
-def _rows(threads, calls, dtypes, repeat, cycles, budget):
+def _rows(threads, calls, dtypes, repeat, cycles, min_time, budget):
     """Time every (call, dtype, pass, implementation) at one thread count; result rows."""
     import jax
     import jax.numpy as jnp
@@ -162,21 +162,25 @@ def _rows(threads, calls, dtypes, repeat, cycles, budget):
             times = {k: [] for k in fns}
             for fn in fns.values():  # warm-up: compiles, page faults
                 fn()
-            # Rounds of short blocks (`repeat` calls per implementation): drift of a busy
-            # machine hits all alike at a fine grain, while the calls of a block share
-            # one OpenMP team (the NumPy path's team belongs to the main thread, the JAX
-            # path's to an XLA thread; right after a switch the other team may still be
-            # spinning, which the median of the block's calls shrugs off). An
+            # Rounds of short blocks (`repeat` calls per implementation), until every
+            # implementation has run `cycles` rounds and `min_time` seconds: drift of a
+            # busy machine hits all alike at a fine grain. The order rotates each round:
+            # right after a switch the previous implementation's idle threads (XLA's pool,
+            # the other OpenMP team: the NumPy path's team belongs to the main thread,
+            # the JAX path's to an XLA thread) may still be spinning, and rotation
+            # spreads that over all; within a block the median shrugs it off. An
             # implementation that has spent `budget` seconds drops out of later rounds
             # (pure JAX on the encoder: seconds a call).
+            keys = list(fns)
             spent = {k: 0.0 for k in fns}
-            for _ in range(cycles):
-                for k, fn in fns.items():
-                    if spent[k] > budget and len(times[k]) >= 3:
-                        continue
+            for rnd in range(100000):
+                live = [k for k in keys if not (spent[k] > budget and len(times[k]) >= 3)]
+                if rnd >= cycles and all(spent[k] >= min_time for k in live):
+                    break
+                for k in live[rnd % len(live):] + live[:rnd % len(live)]:
                     for _ in range(repeat):
                         t0 = time.perf_counter()
-                        fn()
+                        fns[k]()
                         times[k].append(time.perf_counter() - t0)
                     spent[k] += sum(times[k][-repeat:])
             for pas in ("forward", "forward+backward"):
@@ -189,7 +193,9 @@ def _rows(threads, calls, dtypes, repeat, cycles, budget):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per block")
-    parser.add_argument("--cycles", type=int, default=10, help="rounds of blocks (median of all calls)")
+    parser.add_argument("--cycles", type=int, default=10, help="rounds of blocks at least (median of all calls)")
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="more rounds until each implementation has run this many seconds on a row")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds an implementation may spend on one row before it skips later rounds")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="cydeform thread counts")
@@ -203,14 +209,14 @@ def main(argv=None):
     from .cpu import _cpu_model
 
     print(f"# cydeform.jax benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, jax {jax.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of {args.cycles} rounds of {args.repeat} calls "
-          f"(fewer past {args.budget:g} s a row); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of all calls, in rotating rounds of "
+          f"{args.repeat} calls, at least {args.cycles} rounds and {args.min_time:g} s a row (at most {args.budget:g} s); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"threads = cydeform.set_num_threads (pure JAX: XLA's default thread pool, all cores)")
     print("| call | pass | dtype | threads | NumPy direct (ms) | cydeform.jax (ms) | pure_callback glue (ms) "
           "| pure JAX (ms) | cydeform.jax / NumPy | glue / NumPy | pure JAX / cydeform.jax |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for t in args.threads:
-        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles, args.budget):
+        for r in _rows(t, args.calls, args.dtype, args.repeat, args.cycles, args.min_time, args.budget):
             n, c, b, p = r["numpy"], r["cydeform.jax"], r["pure_callback"], r["pure JAX"]
             print(f"| {r['call']} | {r['pass']} | {r['dtype']} | {t} | {n * 1e3:.2f} | {c * 1e3:.2f} | {b * 1e3:.2f} "
                   f"| {p * 1e3:.1f} | {c / n:.3f} | {b / n:.2f} | {p / c:.1f}x |", flush=True)
