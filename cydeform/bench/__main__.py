@@ -1,5 +1,10 @@
-"""``python -m cydeform.bench [CPU options] [--cpu-only]``: CPU benchmark, then GPU when present."""
+"""``python -m cydeform.bench [CPU options] [--cpu-only]``: CPU benchmark, then GPU when present.
+
+``python -m cydeform.bench --plot FILE.png [options]``: time against Lq, drawn (see plot_scaling).
+"""
 from __future__ import annotations
+
+import argparse
 
 from . import cpu
 
@@ -14,6 +19,13 @@ def _gpu_available() -> bool:
 
 
 def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--plot", metavar="FILE.png")
+    known, argv = pre.parse_known_args(argv)
+    if known.plot:
+        from . import plot_scaling
+
+        return plot_scaling.main([known.plot, *argv])
     args = cpu.main(argv)
     if not args.cpu_only and _gpu_available():
         from . import gpu
