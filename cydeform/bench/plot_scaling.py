@@ -40,12 +40,19 @@ def lq_grid(points=8, low=300, high=None):
 
 def measure(lqs, *, dtype="float32", threads=None, distribution="local", repeat=10, torch_ref=None, log=print):
     """Median times in seconds: ``{(impl, pass): [t for each Lq]}`` with impl "cydeform"
-    (and "torch" when ``torch_ref`` is given, as returned by ``cpu.torch_reference()``)."""
+    (and "torch" when ``torch_ref`` is given, as returned by ``cpu.torch_reference()``).
+
+    cydeform: median of >= ``repeat`` runs and >= 0.2 s (short calls get more runs, which
+    steadies them on a shared machine); torch: ``cpu._time_torch`` as in the table.
+    """
     threads = cydeform.get_num_threads() if threads is None else threads
     cydeform.set_num_threads(threads)
     times = {(impl, p): [] for impl in ("cydeform",) + (("torch",) if torch_ref else ()) for p in STYLES}
     value, shapes, starts, loc_all, attn_all = make_problem(1, None, distribution, np.dtype(dtype))
     S = value.shape[1]
+    grad_all = np.zeros((1, S, M * D), dtype=dtype)
+    for _ in range(3):  # untimed: thread pool, page faults, clock ramp-up before the first point
+        cydeform.ms_deform_attn_backward(grad_all, value, shapes, starts, loc_all, attn_all)
     for Lq in lqs:
         # An evenly strided subset of the encoder call's queries, in order: every Lq has
         # the same location distribution, and Lq = S is exactly the encoder call.
@@ -53,9 +60,10 @@ def measure(lqs, *, dtype="float32", threads=None, distribution="local", repeat=
         loc, attn = np.ascontiguousarray(loc_all[:, idx]), np.ascontiguousarray(attn_all[:, idx])
         grad = np.random.default_rng(1).standard_normal((1, Lq, M * D)).astype(dtype)
         times["cydeform", "forward"].append(
-            cpu.median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), repeat))
+            cpu.median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), repeat, 0.2))
         times["cydeform", "backward"].append(
-            cpu.median_time(lambda: cydeform.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn), repeat))
+            cpu.median_time(lambda: cydeform.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn), repeat,
+                             0.2))
         if torch_ref:
             t_f, t_b = cpu._time_torch(torch_ref, threads, value, shapes, loc, attn, grad, repeat)
             times["torch", "forward"].append(t_f)
@@ -80,11 +88,11 @@ def render(lqs, times, title):
     top = times["cydeform", "forward"][-1] * 1e3
     ax.plot(lqs, top * lqs / lqs[-1], color="0.6", linestyle=":", linewidth=1, label="\u221d Lq")
     S = int((LEVELS[:, 0] * LEVELS[:, 1]).sum())
-    for x, name in ((300, "decoder's Lq"), (S, "encoder call")):
+    for x, name, side in ((300, " decoder's Lq", "left"), (S, "encoder call ", "right")):
         if lqs[0] <= x <= lqs[-1]:
             ax.axvline(x, color="0.85", linewidth=0.8, zorder=0)
             ax.annotate(name, (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                        textcoords="offset points", ha="center", fontsize=8, color="0.4")
+                        textcoords="offset points", ha=side, fontsize=8, color="0.4")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("queries Lq (N=1, S=22223 values, M=8, D=32, L=4, P=4)")
@@ -105,8 +113,13 @@ def main(argv=None):
     parser.add_argument("--distribution", default="local", choices=["uniform", "local"])
     parser.add_argument("--points", type=int, default=8, help="Lq values on the log grid")
     parser.add_argument("--min-lq", type=int, default=300, help="smallest Lq (largest: the encoder's 22223)")
+    parser.add_argument("--sweeps", type=int, default=1,
+                        help="repeat the whole sweep and keep each point's median over the sweeps (a burst of "
+                             "other load on a shared machine spoils one sweep's point, rarely most)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     args = parser.parse_args(argv)
+    if args.sweeps < 1:
+        parser.error("--sweeps must be >= 1")
     from ..plot import _matplotlib
 
     _matplotlib()  # fail before timing, not after, when matplotlib is missing
@@ -121,11 +134,23 @@ def main(argv=None):
     print("| Lq | " + " | ".join(f"{i} {p} ms" for i in ("cydeform",) + (("torch",) if ref else ()) for p in STYLES)
           + " |")
     print("|---" * (1 + 2 * (2 if ref else 1)) + "|")
-    times = measure(lqs, dtype=args.dtype, threads=threads, distribution=args.distribution, repeat=args.repeat,
-                    torch_ref=ref)
+    sweeps = []
+    for sweep in range(args.sweeps):
+        if args.sweeps > 1:
+            print(f"# sweep {sweep + 1} of {args.sweeps}")
+        sweeps.append(measure(lqs, dtype=args.dtype, threads=threads, distribution=args.distribution,
+                              repeat=args.repeat, torch_ref=ref))
+    # The median, not the minimum: torch's backward is a difference of two timings, and
+    # the smallest of several differences is biased low.
+    times = {k: list(np.median([s[k] for s in sweeps], axis=0)) for k in sweeps[0]}
+    if args.sweeps > 1:
+        print("# median over the sweeps")
+        for i, Lq in enumerate(lqs):
+            print(f"| {Lq} | " + " | ".join(f"{v[i] * 1e3:.2f}" for v in times.values()) + " |")
     date = datetime.date.today().isoformat()
     title = (f"cydeform {cydeform.__version__} CPU, {date}: {machine}\n{threads} threads, {args.dtype}, "
              f"{args.distribution} locations, median of {args.repeat} runs"
+             + (f", median of {args.sweeps} sweeps" if args.sweeps > 1 else "")
              + (f", PyTorch {ref[0].__version__}" if ref else ", PyTorch not importable"))
     render(lqs, times, title).savefig(args.plot)
     print(f"# wrote {args.plot}")
