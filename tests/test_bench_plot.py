@@ -51,7 +51,7 @@ def test_cli_writes_the_figure(tmp_path, capsys):
     assert set(times) == {("cydeform", "forward"), ("cydeform", "backward")}
     assert all(t > 0 for v in times.values() for t in v)
     out = capsys.readouterr().out
-    assert "1 threads, float32" in out and "| 22223 |" in out
+    assert "1 thread, float32" in out and "| 22223 |" in out
     from matplotlib.image import imread
 
     img = imread(path)[..., :3] * 255

@@ -77,7 +77,7 @@ def render(lqs, times, title):
     from ..plot import _matplotlib
 
     Figure, FigureCanvasAgg, _, _ = _matplotlib()
-    fig = Figure(figsize=(7.0, 5.2), dpi=110, layout="constrained")
+    fig = Figure(figsize=(7.0, 5.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     lqs = np.asarray(lqs, dtype=float)
@@ -129,7 +129,7 @@ def main(argv=None):
     ref = None if args.no_torch else cpu.torch_reference()
     lqs = lq_grid(args.points, args.min_lq)
     machine = f"{cpu._cpu_model()}, {os.cpu_count()} logical cores, '{_cpu.isa}' build"
-    print(f"# cydeform {cydeform.__version__} scaling: {machine}; {threads} threads, {args.dtype}, "
+    print(f"# cydeform {cydeform.__version__} scaling: {machine}; {threads} thread{'s' * (threads != 1)}, {args.dtype}, "
           f"{args.distribution} locations" + (f", torch {ref[0].__version__}" if ref else ", torch not importable"))
     print("| Lq | " + " | ".join(f"{i} {p} ms" for i in ("cydeform",) + (("torch",) if ref else ()) for p in STYLES)
           + " |")
@@ -148,10 +148,11 @@ def main(argv=None):
         for i, Lq in enumerate(lqs):
             print(f"| {Lq} | " + " | ".join(f"{v[i] * 1e3:.2f}" for v in times.values()) + " |")
     date = datetime.date.today().isoformat()
-    title = (f"cydeform {cydeform.__version__} CPU, {date}: {machine}\n{threads} threads, {args.dtype}, "
-             f"{args.distribution} locations, median of {args.repeat} runs"
-             + (f", median of {args.sweeps} sweeps" if args.sweeps > 1 else "")
-             + (f", PyTorch {ref[0].__version__}" if ref else ", PyTorch not importable"))
+    title = (f"cydeform {cydeform.__version__} CPU, {date}: {machine}\n"
+             f"{threads} thread{'s' * (threads != 1)}, {args.dtype}, {args.distribution} locations, "
+             + (f"PyTorch {ref[0].__version__}" if ref else "PyTorch not importable")
+             + f"\nmedians of \u2265{args.repeat} runs" + (f" (PyTorch \u2265{max(3, args.repeat // 3)})" if ref else "")
+             + (f", median of {args.sweeps} sweeps" if args.sweeps > 1 else ""))
     render(lqs, times, title).savefig(args.plot)
     print(f"# wrote {args.plot}")
     return lqs, times
