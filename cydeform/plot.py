@@ -150,8 +150,9 @@ def sampling_points(image, reference_points, sampling_locations, attention_weigh
     Parameters
     ----------
     image : array (H_img, W_img), (H_img, W_img, 3), (H_img, W_img, 4) or None
-        Drawn under the points with ``imshow`` (2-D: grey colour map; RGB(A): floats in
-        [0, 1] or uint8). None draws a white canvas of ``image_size``.
+        Drawn under the points with ``imshow`` (2-D: grey colour map spanning the image's
+        minimum to maximum; RGB(A): floats in [0, 1] or uint8). None draws a white canvas
+        of ``image_size``.
     reference_points : array (N or 1, Lq, L, 2 or 4) or (N or 1, Lq, 2 or 4)
         Normalised (x, y) per query (and level), as :meth:`cydeform.nn.MSDeformAttn.forward`
         takes them; of boxes (cx, cy, w, h) the centre is marked. Per-level points are
@@ -220,6 +221,8 @@ def sampling_points(image, reference_points, sampling_locations, attention_weigh
         raise ValueError(f"fit must be one of {_FITS}; got {fit!r}")
     if not marker_size > 0:
         raise ValueError(f"marker_size must be > 0; got {marker_size!r}")
+    if weight_max is not None and not weight_max > 0:
+        raise ValueError(f"weight_max must be > 0 or None; got {weight_max!r}")
     image, H_img, W_img, ref, loc, weights, shapes = _check_inputs(
         image, image_size, reference_points, sampling_locations, attention_weights, spatial_shapes)
     N, Lq, M, L, P, _ = loc.shape

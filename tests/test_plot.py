@@ -257,6 +257,8 @@ def test_paper_initialisation_draws_rays():
     (dict(image=np.zeros((4, 5, 2))), ValueError, r"image must have shape \(H, W\)"),
     (dict(image=np.zeros((4, 5)), image_size=(5, 4)), ValueError, "disagrees"),
     (dict(image_size=(0, 4)), ValueError, "image_size"),
+    (dict(weight_max=0.0), ValueError, "weight_max must be > 0"),
+    (dict(marker_size=-1.0), ValueError, "marker_size must be > 0"),
 ])
 def test_errors(change, error, match):
     ref, loc, w = problem()
@@ -279,3 +281,17 @@ def test_import_cydeform_does_not_import_matplotlib():
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_fixed_weight_max_shrinks_markers_across_figures():
+    ref, loc, w = problem(M=1, P=1)
+    colour = plot.head_colours(1)[0]
+
+    def area(**kw):
+        fig, axes = draw(ref, loc, w, **kw)
+        mask = colour_mask(render(fig), colour)
+        x, y = loc[0, 0, 0, 0, 0]
+        return near(mask, pixel(fig, axes[0], x * W_IMG, y * H_IMG), 10).sum()
+
+    full, quarter = area(), area(weight_max=4 * float(w.max()))
+    assert full > 20 and 2.5 < full / quarter < 6
