@@ -115,3 +115,129 @@ def test_a_worker_killed_mid_compute_gives_the_exact_result_after_retry(tmp_path
     retried = int((tmp_path / "retry").read_text())
     assert retried != killed
     np.testing.assert_array_equal(out, cydeform.ms_deform_attn(value, SHAPES, None, loc, attn))
+
+
+# --------------------------------------------------------------------------- the layer over dask
+
+from cydeform.nn import MSDeformAttn  # noqa: E402
+
+LAYER_SHAPES = np.array([[6, 5], [3, 4]], dtype=np.int64)
+C, LS = 16, 42
+
+
+def layer_problem(ref_kind="per_image", dtype="float64", mask=False, seed=0):
+    """A layer with perturbed (non-initial) parameters and one batch of inputs."""
+    rng = np.random.default_rng(seed)
+    layer = MSDeformAttn(C, 2, 2, 3, dtype=dtype, seed=1)
+    for p in layer.params.values():
+        p[...] += rng.standard_normal(p.shape).astype(dtype) * 0.1
+    width = 4 if ref_kind == "box" else 2
+    ref = rng.uniform(0.1, 0.9, (1 if ref_kind == "shared" else N, Lq, 2, width)).astype(dtype)
+    return layer, dict(
+        query=rng.standard_normal((N, Lq, C)).astype(dtype),
+        reference_points=ref,
+        input_flatten=rng.standard_normal((N, LS, C)).astype(dtype),
+        input_padding_mask=(rng.random((N, LS)) < 0.2) if mask else None,
+    ), rng.standard_normal((N, Lq, C)).astype(dtype)
+
+
+def one_call(layer, x, grad):
+    out = layer.forward(x["query"], x["reference_points"], x["input_flatten"], LAYER_SHAPES, None,
+                        x["input_padding_mask"])
+    layer.zero_grad()
+    grads = layer.backward(grad)
+    return out, grads, {k: g.copy() for k, g in layer.grads.items()}
+
+
+def dask_calls(layer, x, grad, chunks):
+    dq = da.from_array(x["query"], chunks=(chunks, -1, -1))
+    args = (dq, x["reference_points"], x["input_flatten"], LAYER_SHAPES, None, x["input_padding_mask"])
+    return cdask.layer_forward(layer, *args), cdask.layer_backward(layer, grad, *args)
+
+
+@pytest.mark.parametrize("ref_kind,chunks,dtype,mask", [
+    ("per_image", 2, "float64", False), ("per_image", 5, "float32", True),
+    ("shared", 2, "float64", True), ("shared", 1, "float32", False), ("box", 3, "float64", False)])
+def test_layer_forward_backward_and_parameter_gradients_equal_one_call_bit_for_bit(ref_kind, chunks, dtype, mask):
+    layer, x, grad = layer_problem(ref_kind, dtype, mask)
+    out_d, (gq_d, gr_d, gi_d, params_d) = dask_calls(layer, x, grad, chunks)
+    assert out_d.chunks[0] == gq_d.chunks[0] == da.from_array(x["query"], chunks=(chunks, -1, -1)).chunks[0]
+    with dask.config.set(scheduler="threads"):
+        got = dask.compute(out_d, gq_d, gr_d, gi_d, params_d)
+    out, (gq, gr, gi), params = one_call(layer, x, grad)
+    for g, w in zip(got[:4], (out, gq, gr, gi)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+    assert set(got[4]) == set(params)
+    for name in params:
+        np.testing.assert_array_equal(got[4][name], params[name], err_msg=name)
+
+
+def test_layer_over_dask_leaves_the_layer_unchanged():
+    layer, x, grad = layer_problem()
+    before = {k: p.copy() for k, p in layer.params.items()}
+    layer.zero_grad()
+    _, back = dask_calls(layer, x, grad, 2)
+    dask.compute(*back[:3], back[3], scheduler="threads")
+    for k, p in layer.params.items():
+        np.testing.assert_array_equal(p, before[k])
+        assert not layer.grads[k].any()
+
+
+def test_layer_over_dask_refuses_bad_input_before_computing():
+    layer, x, grad = layer_problem()
+    dq = da.from_array(x["query"], chunks=(2, -1, -1))
+    with pytest.raises(TypeError, match="MSDeformAttn"):
+        cdask.layer_forward(object(), dq, x["reference_points"], x["input_flatten"], LAYER_SHAPES)
+    with pytest.raises(ValueError, match=r"input_flatten is chunked along axis 1"):
+        cdask.layer_forward(layer, dq, x["reference_points"], da.from_array(x["input_flatten"], chunks=(2, 7, -1)),
+                            LAYER_SHAPES)
+    with pytest.raises(ValueError, match="input_spatial_shapes"):
+        cdask.layer_forward(layer, dq, x["reference_points"], x["input_flatten"], LAYER_SHAPES[:, ::-1] * 2)
+    with pytest.raises(ValueError, match="N = 4"):
+        cdask.layer_forward(layer, dq, x["reference_points"], x["input_flatten"][:4], LAYER_SHAPES)
+    with pytest.raises(ValueError, match="grad_output"):
+        cdask.layer_backward(layer, grad[:, :3], dq, x["reference_points"], x["input_flatten"], LAYER_SHAPES)
+
+
+def _gated_query(arr, gate_dir):
+    """Like _gated_chunk, for the layer test's query chunk."""
+    return _gated_chunk(arr, gate_dir)
+
+
+def test_layer_backward_on_a_local_cluster_with_a_worker_killed_mid_compute(tmp_path):
+    import os
+    import signal
+    import time
+
+    distributed = pytest.importorskip("distributed")
+    layer, x, grad = layer_problem("shared", mask=True)
+    q = x["query"]
+    gated = dask.delayed(_gated_query, pure=False)(q[4:], str(tmp_path))
+    dq = da.concatenate([da.from_array(q[:4], chunks=(2, -1, -1)), da.from_delayed(gated, shape=q[4:].shape,
+                                                                                   dtype=q.dtype)])
+    args = (dq, x["reference_points"], x["input_flatten"], LAYER_SHAPES, None, x["input_padding_mask"])
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        import cloudpickle
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        futures = client.compute([cdask.layer_forward(layer, *args), *cdask.layer_backward(layer, grad, *args)])
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "first").exists() or not (tmp_path / "first").read_text():
+            assert time.monotonic() < deadline, "the gated task never started"
+            time.sleep(0.05)
+        killed = int((tmp_path / "first").read_text())
+        os.kill(killed, signal.SIGKILL)
+        got = [f.result(timeout=120) for f in futures]
+    assert int((tmp_path / "retry").read_text()) != killed
+    out, (gq, gr, gi), params = one_call(layer, x, grad)
+    for g, w in zip(got[:4], (out, gq, gr, gi)):
+        np.testing.assert_array_equal(g, w)
+    for name in params:
+        np.testing.assert_array_equal(got[4][name], params[name], err_msg=name)
+
+
+def test_an_argument_with_another_batch_size_is_refused_naming_it():
+    value, loc, attn, _ = problem()
+    with pytest.raises(ValueError, match=r"attention_weights has shape \(4,.*N = 5"):
+        cdask.ms_deform_attn(da.from_array(value, chunks=(2, -1, -1, -1)), SHAPES, None, loc, attn[:4])
