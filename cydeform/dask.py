@@ -319,6 +319,14 @@ def layer_backward(layer, grad_output, query, reference_points, input_flatten, i
         on the CPU bit-identical to ``layer.grads`` after ``zero_grad()``, ``forward``
         and ``backward`` on the whole batch, whatever the chunking, scheduler or
         retries. Add them into ``layer.grads`` yourself; the layer is not modified.
+
+    Notes
+    -----
+    Bit-identity needs the same BLAS thread count where the one call runs: NumPy's
+    weight-gradient products (a long reduction over the queries) round differently
+    when OpenBLAS splits them over another number of threads, and
+    ``distributed`` starts its workers with one BLAS thread. cydeform's own op is
+    independent of its thread count and of how the batch is split.
     """
     spec = _layer_spec(layer)
     arrays, nch = _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask)

@@ -359,25 +359,26 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
         _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
 
 
-# Query chunks of the backward for a single image: each chunk scatters into its own
-# grad_value buffer (chunk 0 into grad_value itself), summed in chunk order at the end.
-# Two threads splitting the heads of one image instead write alternate halves of the
-# same cache pages and slow each other down (measured: no faster than one thread);
-# splitting the queries, each thread writes its own buffer. The count depends on the
-# problem size (and the internal threshold tests lower), never on the thread count, so
-# results stay bit-identical for any number of threads.
+# Query chunks of the backward, per image: each chunk scatters into its own grad_value
+# buffer (chunk 0 into grad_value itself), summed in chunk order at the end. Two threads
+# splitting the heads of one image instead write alternate halves of the same cache
+# pages and slow each other down (measured: no faster than one thread); splitting the
+# queries, each thread writes its own buffer. The count depends on one image's size
+# (and the internal threshold tests lower), never on the thread count or the batch
+# size, so results stay bit-identical for any number of threads and an image's
+# gradient is the same alone or in any batch (what cydeform.dask relies on).
 cdef enum:
     _QUERY_CHUNKS = 2
 
 
-def query_chunks(Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, int64_t work):
-    """Internal: how many query chunks (grad_value buffers) the backward uses.
+def query_chunks(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, int64_t work):
+    """Internal: how many query chunks (grad_value buffers) the backward uses per image.
 
-    Only for one image with many samples per value position (the encoder call has 16):
-    the extra buffer costs a pass over S*M*D, which a decoder call (300 queries) would
-    not earn back.
+    ``work`` is one image's samples x D. Only for images with many samples per value
+    position (the encoder call has 16): the extra buffer costs a pass over S*M*D, which
+    a decoder call (300 queries) would not earn back.
     """
-    if N == 1 and Lq >= 2 * _QUERY_CHUNKS and Lq * L * P >= 4 * S and work >= _min_parallel_work:
+    if Lq >= 2 * _QUERY_CHUNKS and Lq * L * P >= 4 * S and work >= _min_parallel_work:
         return _QUERY_CHUNKS
     return 1
 
@@ -427,7 +428,7 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn)."""
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    K = query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D)
+    K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     # Zeroed here, not lazily by calloc, so the threads do not take the first-touch page
     # faults of the same pages together mid-loop.
     grad_value = np.empty(value.shape, dtype=value.dtype)

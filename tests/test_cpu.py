@@ -208,7 +208,7 @@ def test_chunked_backward_matches_oracle_and_is_thread_invariant(restore_threads
     rng = np.random.default_rng(7)
     shapes = np.array([[3, 4], [2, 2]])
     N, S, M, D, Lq, L, P = 1, 16, 3, 9, 64, 2, 2
-    assert _cpu._impl.query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D) > 1
+    assert _cpu._impl.query_chunks(S, Lq, L, P, Lq * M * L * P * D) > 1
     value = rng.standard_normal((N, S, M, D))
     loc = rng.uniform(-0.2, 1.2, (N, Lq, M, L, P, 2))
     attn = rng.uniform(0, 1, (N, Lq, M, L, P))
@@ -224,21 +224,44 @@ def test_chunked_backward_matches_oracle_and_is_thread_invariant(restore_threads
             np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_images_gradients_are_the_same_alone_or_in_a_batch(restore_threads, threads):
+    """The chunked backward's summation order depends on one image's size only, so a
+    batch gives each image the bits it gets alone (cydeform.dask's chunks rely on it)."""
+    from cydeform import _cpu
+
+    cydeform.set_num_threads(threads)
+    rng = np.random.default_rng(11)
+    shapes = np.array([[3, 4], [2, 2]])
+    N, S, M, D, Lq, L, P = 3, 16, 2, 5, 48, 2, 2
+    assert _cpu._impl.query_chunks(S, Lq, L, P, Lq * M * L * P * D) > 1
+    value = rng.standard_normal((N, S, M, D)).astype(np.float32)
+    loc = rng.uniform(-0.2, 1.2, (N, Lq, M, L, P, 2)).astype(np.float32)
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(np.float32)
+    g = rng.standard_normal((N, Lq, M * D)).astype(np.float32)
+    batch = cydeform.ms_deform_attn_backward(g, value, shapes, None, loc, attn)
+    for n in range(N):
+        alone = cydeform.ms_deform_attn_backward(g[n:n + 1], value[n:n + 1], shapes, None, loc[n:n + 1],
+                                                 attn[n:n + 1])
+        for a, b in zip(alone, batch):
+            assert a[0].tobytes() == b[n].tobytes()
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only restores state
 @given(data=st.data(), dtype=st.sampled_from([np.float64, np.float32]), nonfinite=st.booleans())
 def test_chunked_backward_on_random_problems(restore_threads, data, dtype, nonfinite):
-    """Single images with many samples per value position take the chunked backward
+    """Images with many samples per value position take the chunked backward
     (several grad_value buffers): it matches the oracle and ignores the thread count."""
     from hypothesis import assume
 
     from cydeform import _cpu
 
-    problem = data.draw(problems(dtype=dtype, nonfinite=nonfinite, max_side=2, max_batch=1,
+    problem = data.draw(problems(dtype=dtype, nonfinite=nonfinite, max_side=2, max_batch=2,
                                  kink_margin=1e-3 if dtype == np.float32 else None, min_queries=16, max_queries=40))
     value, shapes, starts, loc, attn = args(problem)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = loc.shape
-    assume(_cpu._impl.query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D) > 1)
+    assume(_cpu._impl.query_chunks(S, Lq, L, P, Lq * M * L * P * D) > 1)
     g = grad_output_for(problem)
     expected = ms_deform_attn_backward_reference(g, *args(problem))
     results = []

@@ -42,6 +42,27 @@ def test_forward_and_backward_equal_one_call_bit_for_bit(chunks):
         np.testing.assert_array_equal(g, w)
 
 
+
+def test_chunks_equal_one_call_when_the_backward_splits_queries():
+    """Many samples per value position at the default threshold: the CPU backward sums
+    grad_value in query chunks; an image's chunks must not depend on the batch."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(5)
+    n, m, d, lq, p = 3, 4, 32, 300, 4
+    S = int((SHAPES[:, 0] * SHAPES[:, 1]).sum())
+    assert _cpu._impl.query_chunks(S, lq, len(SHAPES), p, lq * m * len(SHAPES) * p * d) > 1
+    value = rng.standard_normal((n, S, m, d)).astype(np.float32)
+    loc = rng.uniform(-0.1, 1.1, (n, lq, m, len(SHAPES), p, 2)).astype(np.float32)
+    attn = rng.random((n, lq, m, len(SHAPES), p)).astype(np.float32)
+    grad = rng.standard_normal((n, lq, m * d)).astype(np.float32)
+    want = cydeform.ms_deform_attn_backward(grad, value, SHAPES, None, loc, attn)
+    for chunks in (1, 2):
+        got = dask.compute(*cdask.ms_deform_attn_backward(grad, da.from_array(value, chunks=(chunks, -1, -1, -1)),
+                                                          SHAPES, None, loc, attn), scheduler="threads")
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
 def test_chunking_along_another_axis_is_refused_naming_argument_and_axis():
     value, loc, attn, _ = problem()
     dl = da.from_array(loc, chunks=(2, -1, 1, -1, -1, -1))
