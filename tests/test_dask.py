@@ -262,3 +262,15 @@ def test_an_argument_with_another_batch_size_is_refused_naming_it():
     value, loc, attn, _ = problem()
     with pytest.raises(ValueError, match=r"attention_weights has shape \(4,.*N = 5"):
         cdask.ms_deform_attn(da.from_array(value, chunks=(2, -1, -1, -1)), SHAPES, None, loc, attn[:4])
+
+
+def test_dask_benchmark_prints_a_row_per_pass_and_worker_count():
+    pytest.importorskip("distributed")
+    result = subprocess.run([sys.executable, "-m", "cydeform.bench", "--dask", "--images", "1", "--repeat", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| forward")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("forward", "1"), ("forward+backward", "1"), ("forward", "2"), ("forward+backward", "2")]
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0
