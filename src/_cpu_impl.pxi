@@ -461,3 +461,112 @@ cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :,
                   &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0], &extra[0], K,
                   &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
                   &scratch[0, 0, 0], N, S, M, D, Lq, L, P)
+
+
+# --------------------------------------------------------------------------- measured floor
+# What the benchmark compares the op with (cydeform.bench, "floor"): the same corner-row
+# gathers in the same order with the same prefetch and the same parallel layout, summed
+# with weight 1, and no geometry (the row offsets come precomputed). Not used by the op.
+
+cdef inline void _floor_row(const floating* value, const int64_t* rows, Py_ssize_t K, Py_ssize_t D,
+                            const floating* zeros, const floating* ones, floating* out,
+                            floating* gv) noexcept nogil:
+    """out = sum_k value[rows[k] : + D]; with ``gv``, also gv[rows[k] : + D] += that row."""
+    cdef Py_ssize_t k, b = 0, j, d
+    cdef const floating* ptr[4 * _BLOCK]
+    cdef int64_t off
+    for d in range(D):
+        out[d] = 0
+    for k in range(K):
+        off = rows[k]
+        if off >= 0:
+            ptr[b] = value + off
+            cyd_prefetch_row(ptr[b])
+            if gv != NULL:
+                cyd_prefetch_row(gv + off)
+        else:
+            ptr[b] = zeros
+        b += 1
+        if b == 4 * _BLOCK or k == K - 1:  # K is 4 corners x L x P
+            _accumulate(out, ptr, ones, b // 4, D)
+            if gv != NULL:
+                for j in range(b):
+                    if ptr[j] != zeros:
+                        for d in range(D):
+                            gv[(ptr[j] - value) + d] += ptr[j][d]
+            b = 0
+
+
+cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t R, Py_ssize_t K,
+                         Py_ssize_t D, const floating* zeros, const floating* ones,
+                         floating* out) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in prange(R, schedule="static", num_threads=_threads(R * K * D // 4)):
+        _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, NULL)
+
+
+cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t Lq,
+                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, Py_ssize_t QK, const floating* zeros,
+                          const floating* ones, floating* out, floating* grad_value,
+                          floating* extra, Py_ssize_t size) noexcept nogil:
+    """The op backward's layout: tasks (n, query chunk c of QK, head group), chunk c
+    scattering into its own buffer (grad_value or extra), buffers added at the end."""
+    cdef Py_ssize_t t, n, c, m, q, r, i, m_lo, m_hi
+    cdef int threads = _threads(N * Lq * M * K * D // 4)
+    cdef Py_ssize_t groups = min(M, max(1, (threads + N * QK - 1) // (N * QK)))
+    cdef floating* gv
+    while (N * QK * groups) % threads != 0 and groups < M:
+        groups += 1
+    for t in prange(N * QK * groups, schedule="static", num_threads=threads):
+        n = t // (QK * groups)
+        c = (t // groups) % QK
+        m_lo = (t % groups) * M // groups
+        m_hi = (t % groups + 1) * M // groups
+        gv = grad_value if c == 0 else extra + (c - 1) * size
+        for q in range(c * Lq // QK, (c + 1) * Lq // QK):
+            for m in range(m_lo, m_hi):
+                r = (n * Lq + q) * M + m
+                _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, gv)
+    if QK > 1:
+        for i in prange(size, schedule="static", num_threads=threads):
+            for c in range(1, QK):
+                grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
+
+
+def gather_floor(value, const int64_t[:, ::1] rows, backward=False):
+    """Internal (benchmark floor). value (N, S, M, D); ``rows`` (N*Lq*M, K = 4 L P)
+    element offsets into value of the corner rows each output row (n, q, m) gathers
+    (-1: a corner outside the map). Returns the (N*Lq*M, D) sums; with ``backward``,
+    also adds every gathered row into a grad_value shaped like value, with the op
+    backward's buffers and task layout, and returns (sums, grad_value)."""
+    N, S, M, D = value.shape
+    R = rows.shape[0]
+    Lq = R // (N * M)
+    K = rows.shape[1]
+    out = np.empty((R, D), dtype=value.dtype)
+    zeros = np.zeros(D, dtype=value.dtype)
+    ones = np.ones(_BLOCK * 4, dtype=value.dtype)
+    QK = query_chunks(S, Lq, K // 4, 1, Lq * M * (K // 4) * D) if backward else 1
+    grad = np.empty(value.shape if backward else 1, dtype=value.dtype)
+    grad.fill(0)
+    extra = np.zeros(((QK - 1) * value.size) or 1, dtype=value.dtype)
+    if value.dtype == np.float32:
+        _gather_floor_typed[float](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
+                                   N, Lq, M, QK, backward)
+    else:
+        _gather_floor_typed[double](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
+                                    N, Lq, M, QK, backward)
+    return (out, grad) if backward else out
+
+
+cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,
+                         const floating[::1] zeros, const floating[::1] ones, floating[::1] grad,
+                         floating[::1] extra, Py_ssize_t N, Py_ssize_t Lq, Py_ssize_t M, Py_ssize_t QK,
+                         bint backward):
+    cdef Py_ssize_t R = rows.shape[0], K = rows.shape[1], D = out.shape[1]
+    with nogil:
+        if backward:
+            _floor_backward(&value[0], &rows[0, 0], N, Lq, M, K, D, QK, &zeros[0], &ones[0], &out[0, 0],
+                            &grad[0], &extra[0], value.shape[0])
+        else:
+            _floor_forward(&value[0], &rows[0, 0], R, K, D, &zeros[0], &ones[0], &out[0, 0])
