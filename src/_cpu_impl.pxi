@@ -424,16 +424,26 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
-             sampling_locations, attention_weights):
-    """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn)."""
+             sampling_locations, attention_weights, buffers=None):
+    """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn).
+
+    ``buffers``: optional callable ``buffers(K)`` returning a zeroed C-contiguous array
+    (K, N, S, M, D) of value's dtype for the K query-chunk grad_value buffers (huge-page
+    staging, cydeform._staging), or None; grad_value is then its first buffer.
+    """
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
-    # Zeroed here, not lazily by calloc, so the threads do not take the first-touch page
-    # faults of the same pages together mid-loop.
-    grad_value = np.empty(value.shape, dtype=value.dtype)
-    grad_value.fill(0)
-    extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
+    staged = buffers(K) if buffers is not None else None
+    if staged is not None:
+        grad_value = staged[0]
+        extra = staged[1:].reshape(-1) if K > 1 else np.zeros(1, dtype=value.dtype)
+    else:
+        # Zeroed here, not lazily by calloc, so the threads do not take the first-touch
+        # page faults of the same pages together mid-loop.
+        grad_value = np.empty(value.shape, dtype=value.dtype)
+        grad_value.fill(0)
+        extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
     grad_loc = np.empty(sampling_locations.shape, dtype=value.dtype)
     grad_attn = np.empty(attention_weights.shape, dtype=value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
