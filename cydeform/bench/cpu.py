@@ -7,7 +7,8 @@ importable, times the grid_sample reference at the same thread count and prints 
 ratio. PyTorch is never a dependency. The calls and location distributions are those of
 ``cydeform.bench.problems``. Each row also shows the measured floor of the same call
 (``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters,
-without geometry or arithmetic) and cydeform's time as a multiple of it; the header
+without geometry or arithmetic, from the same pages: huge pages when the op stages
+value, cydeform._staging) and cydeform's time as a multiple of it; the header
 gives the machine's copy bandwidth. ``--no-floor`` skips them.
 """
 from __future__ import annotations
@@ -98,6 +99,9 @@ def run_cpu(args):
                 Lq_ = loc.shape[1]
                 grad = np.random.default_rng(1).standard_normal((1, Lq_, M * D)).astype(dtype)
                 rows = None if args.no_floor else floor.corner_rows(value.shape, shapes, starts, loc)
+                # The floor gathers from the pages the op gathers from: huge pages when it stages.
+                staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)
+                floor_value = value if staged is None else staged
                 for threads in args.threads:
                     cydeform.set_num_threads(threads)
                     t_f = median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), args.repeat, 0.5)
@@ -105,8 +109,8 @@ def run_cpu(args):
                                       args.repeat, 0.5)
                     fl_f = fl_b = None
                     if rows is not None:
-                        fl_f = median_time(lambda: _cpu._impl.gather_floor(value, rows), args.repeat, 0.5)
-                        fl_b = median_time(lambda: _cpu._impl.gather_floor(value, rows, backward=True),
+                        fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows), args.repeat, 0.5)
+                        fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True),
                                            args.repeat, 0.5)
                     tt_f = tt_b = None
                     if ref is not None:
