@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
@@ -52,7 +51,6 @@ def run(n_images=4, repeat=3, dtype="float32"):
               "forward+backward": median_time(lambda: (cydeform.ms_deform_attn(v, shapes, starts, lo, a),
                                                        cydeform.ms_deform_attn_backward(g, v, shapes, starts, lo, a)),
                                               repeat)}
-    del v, lo, a, g
     print(f"# cydeform {cydeform.__version__} Dask benchmark: {_cpu_model()}, {os.cpu_count()} logical cores; "
           f"encoder call (Lq = S = 22223, local locations), {dtype}, {n_images} images, one image per task; "
           f"median of {repeat} runs")
