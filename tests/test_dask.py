@@ -111,11 +111,23 @@ def _gated_chunk(arr, gate_dir):
     return arr
 
 
-def test_a_worker_killed_mid_compute_gives_the_exact_result_after_retry(tmp_path):
+def _kill_the_gated_worker(gate_dir):
+    """Wait until the gated task runs, SIGKILL its worker process, return its pid."""
     import os
     import signal
     import time
 
+    first = gate_dir / "first"
+    deadline = time.monotonic() + 60
+    while not first.exists() or not first.read_text():
+        assert time.monotonic() < deadline, "the gated task never started"
+        time.sleep(0.05)
+    killed = int(first.read_text())
+    os.kill(killed, signal.SIGKILL)
+    return killed
+
+
+def test_a_worker_killed_mid_compute_gives_the_exact_result_after_retry(tmp_path):
     distributed = pytest.importorskip("distributed")
     value, loc, attn, grad = problem()
     gated = dask.delayed(_gated_chunk, pure=False)(value[4:], str(tmp_path))
@@ -126,12 +138,7 @@ def test_a_worker_killed_mid_compute_gives_the_exact_result_after_retry(tmp_path
         import cloudpickle
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
         fut = client.compute(cdask.ms_deform_attn(dv, SHAPES, None, loc, attn))
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "first").exists() or not (tmp_path / "first").read_text():
-            assert time.monotonic() < deadline, "the gated task never started"
-            time.sleep(0.05)
-        killed = int((tmp_path / "first").read_text())
-        os.kill(killed, signal.SIGKILL)
+        killed = _kill_the_gated_worker(tmp_path)
         out = fut.result(timeout=120)
     retried = int((tmp_path / "retry").read_text())
     assert retried != killed
@@ -227,10 +234,6 @@ def _gated_query(arr, gate_dir):
 
 
 def test_layer_backward_on_a_local_cluster_with_a_worker_killed_mid_compute(tmp_path):
-    import os
-    import signal
-    import time
-
     distributed = pytest.importorskip("distributed")
     layer, x, grad = layer_problem("shared", mask=True)
     q = x["query"]
@@ -243,12 +246,7 @@ def test_layer_backward_on_a_local_cluster_with_a_worker_killed_mid_compute(tmp_
         import cloudpickle
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
         futures = client.compute([cdask.layer_forward(layer, *args), *cdask.layer_backward(layer, grad, *args)])
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "first").exists() or not (tmp_path / "first").read_text():
-            assert time.monotonic() < deadline, "the gated task never started"
-            time.sleep(0.05)
-        killed = int((tmp_path / "first").read_text())
-        os.kill(killed, signal.SIGKILL)
+        killed = _kill_the_gated_worker(tmp_path)
         got = [f.result(timeout=120) for f in futures]
     assert int((tmp_path / "retry").read_text()) != killed
     out, (gq, gr, gi), params = one_call(layer, x, grad)
