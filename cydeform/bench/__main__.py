@@ -1,10 +1,12 @@
 """``python -m cydeform.bench [CPU options] [--cpu-only]``: CPU benchmark, then GPU when present.
 
+``python -m cydeform.bench --dask [--images N] [--repeat R]``: Dask throughput instead.
 ``python -m cydeform.bench --plot FILE.png [options]``: time against Lq, drawn (see plot_scaling).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import cpu
 
@@ -19,6 +21,12 @@ def _gpu_available() -> bool:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dask" in argv:
+        from . import dask_bench
+
+        dask_bench.main([a for a in argv if a != "--dask"])
+        return
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--plot", metavar="FILE.png")
     known, argv = pre.parse_known_args(argv)
