@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from . import _cpu_baseline
+from . import _cpu_baseline, _staging
 
 _PREFERENCE = ("avx512", "avx2", "baseline")
 
@@ -42,8 +42,39 @@ def _select():
 
 isa = _select()
 _impl = _load(isa)
-forward = _impl.forward
-backward = _impl.backward
+
+
+def _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """value in a huge-page buffer when that pays for this call (cydeform._staging), else None."""
+    gathers = 4 * attention_weights.size
+    # The cheap tests first: page_spread costs ~0.1 ms, a decoder call ~1 ms.
+    if not (_staging.huge_pages_enabled() and _staging.worth_staging(value.nbytes, gathers, 1.0)):
+        return None
+    spread = _staging.page_spread(value.shape, value.itemsize, spatial_shapes, level_start_index,
+                                  sampling_locations)
+    if not _staging.worth_staging(value.nbytes, gathers, spread):
+        return None
+    return _staging.staged_copy(value)
+
+
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The op on validated C-contiguous arrays (see src/_cpu_impl.pxi)."""
+    staged = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _impl.forward(value if staged is None else staged, spatial_shapes, level_start_index,
+                         sampling_locations, attention_weights)
+
+
+def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Gradients on validated C-contiguous arrays; grad_value is never a staging buffer."""
+    staged = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if staged is None:
+        return _impl.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights)
+    grad_value, grad_loc, grad_attn = _impl.backward(
+        grad_output, staged, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        buffers=lambda K: _staging.zeroed((K,) + value.shape, value.dtype))
+    # Out of the staging buffer (the next call reuses it) into the caller's own array.
+    return grad_value.copy(), grad_loc, grad_attn
 
 
 def set_num_threads(n: int) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from . import _validate
 from .functional import ms_deform_attn as _forward, ms_deform_attn_backward as _backward
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_backward"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_backward", "layer_forward", "layer_backward"]
 
 _AXES = {
     "value": "NSMD",
@@ -34,6 +34,10 @@ def _as_dask(named, reference_chunks):
         if not isinstance(arr, da.Array):
             if not hasattr(arr, "shape"):
                 raise TypeError(f"{name} must be a dask, NumPy or CuPy array; got {type(arr).__name__}")
+        if len(arr.shape) < 1 or arr.shape[0] != sum(reference_chunks):
+            raise ValueError(f"{name} has shape {tuple(arr.shape)} but the first dask argument has "
+                             f"N = {sum(reference_chunks)} (axis 0)")
+        if not isinstance(arr, da.Array):
             arr = da.from_array(arr, chunks=(reference_chunks,) + tuple(-1 for _ in arr.shape[1:]))
         axes = _AXES[name]
         if arr.ndim != len(axes):
@@ -139,3 +143,223 @@ def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_inde
         _from_parts([q[1] for q in parts], meta_of(6), lambda n: (n, p.Lq, p.M, p.L, p.P, 2), dt, nch),
         _from_parts([q[2] for q in parts], meta_of(5), lambda n: (n, p.Lq, p.M, p.L, p.P), dt, nch),
     )
+
+
+# --------------------------------------------------------------------------- the layer over dask
+
+def _layer_spec(layer):
+    """What a worker needs to rebuild ``layer``: its sizes, dtype, module and parameters."""
+    from .nn import MSDeformAttn
+
+    if not isinstance(layer, MSDeformAttn):
+        raise TypeError(f"layer must be a cydeform.nn.MSDeformAttn; got {type(layer).__name__}")
+    sizes = (layer.d_model, layer.n_levels, layer.n_heads, layer.n_points)
+    return sizes, layer.dtype.name, layer.xp.__name__, layer.state_dict()
+
+
+def _rebuild(spec):
+    # Workers keep no state between tasks: each task builds its own copy of the layer
+    # (cheap next to the op) instead of unpickling one whose named views would be copies.
+    from .nn import MSDeformAttn
+
+    sizes, dtype, module, state = spec
+    layer = MSDeformAttn(*sizes, dtype=dtype)
+    if module != "numpy":
+        import cupy
+
+        layer.to(cupy)
+    layer.load_state_dict(state)
+    return layer
+
+
+def _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask):
+    """Dask arrays chunked along N like ``query``; reference points with a leading 1 stay whole."""
+    for name, arr, ndim in (("query", query, 3), ("input_flatten", input_flatten, 3)):
+        if not hasattr(arr, "shape") or len(arr.shape) != ndim:
+            raise ValueError(f"{name} must be an array of shape (N, ., C); got "
+                             f"{getattr(arr, 'shape', type(arr).__name__)}")
+    first = next((a for a in (query, input_flatten) if isinstance(a, da.Array)), None)
+    if first is None:
+        raise TypeError("query or input_flatten must be a dask array")
+    nch = first.chunks[0]
+    named = {"query": query, "input_flatten": input_flatten}
+    if input_padding_mask is not None:
+        named["input_padding_mask"] = input_padding_mask
+    ref_whole = getattr(reference_points, "shape", (None,))[0] == 1
+    if not ref_whole:
+        named["reference_points"] = reference_points
+    out = {}
+    for name, arr in named.items():
+        if not hasattr(arr, "shape") or len(arr.shape) < 1 or arr.shape[0] != first.shape[0]:
+            raise ValueError(f"{name} has N = {getattr(arr, 'shape', (None,))[0]} (axis 0 of shape "
+                             f"{getattr(arr, 'shape', None)}) but query/input_flatten have N = {first.shape[0]}")
+        if not isinstance(arr, da.Array):
+            arr = da.from_array(arr, chunks=(nch,) + tuple(-1 for _ in arr.shape[1:]))
+        for i in range(1, arr.ndim):
+            if len(arr.chunks[i]) > 1:
+                raise ValueError(f"{name} is chunked along axis {i}; only the batch axis N may be chunked: "
+                                 f"rechunk with {name}.rechunk({{{i}: -1}})")
+        out[name] = arr.rechunk({0: nch}) if arr.chunks[0] != nch else arr
+    if ref_whole:
+        out["reference_points"] = reference_points.compute() if isinstance(reference_points, da.Array) \
+            else reference_points
+    return out, nch
+
+
+def _eager_check(layer, arrays, input_spatial_shapes, input_level_start_index):
+    """Run the layer's own checks on zero-memory stand-ins of one image, before any compute."""
+    stand = {k: _stand_in(v) if isinstance(v, da.Array) else v for k, v in arrays.items()}
+    one = {k: v[:1] for k, v in stand.items()}
+    if layer.xp is not np:
+        return  # stand-ins are NumPy; the layer checks CuPy chunks when the tasks run
+    N, _, shapes = layer._check_queries(one["query"], one["reference_points"], input_spatial_shapes)
+    layer._check_values(one["input_flatten"], N, shapes, input_level_start_index, one.get("input_padding_mask"))
+
+
+def _blocks(arrays, name, n):
+    a = arrays.get(name)
+    if a is None:
+        return [None] * n
+    if not isinstance(a, da.Array):
+        return [a] * n  # reference points with a leading 1, shared by every chunk
+    return list(a.to_delayed().ravel())
+
+
+def _chunk_forward(spec, query, ref, flat, shapes, starts, mask):
+    return _rebuild(spec).forward(query, ref, flat, shapes, starts, mask)
+
+
+def _chunk_backward(spec, grad_output, query, ref, flat, shapes, starts, mask, deterministic):
+    """One chunk's input gradients and each image's parameter gradients, image by image.
+
+    Returns (grad_query, grad_reference_points or None-if-shared-summed-later, grad_input,
+    list over images of {name: parameter gradient}). Each image runs alone so its
+    parameter gradients are the exact term :meth:`Linear.backward` adds for it in one call.
+    """
+    layer = _rebuild(spec)
+    xp = layer.xp
+    gq, gr, gi, per_image = [], [], [], []
+    for n in range(query.shape[0]):
+        r = ref if ref.shape[0] == 1 else ref[n:n + 1]
+        m = None if mask is None else mask[n:n + 1]
+        layer.zero_grad()
+        layer.forward(query[n:n + 1], r, flat[n:n + 1], shapes, starts, m)
+        q, rr, i = layer.backward(grad_output[n:n + 1], deterministic=deterministic)
+        gq.append(q), gr.append(rr), gi.append(i)
+        per_image.append({k: g.copy() for k, g in layer.grads.items()})
+    cat = (lambda parts: xp.concatenate(parts, axis=0)) if query.shape[0] else (lambda parts: None)
+    return cat(gq), cat(gr), cat(gi), per_image
+
+
+def _accumulate(total, per_image):
+    """Add each image's parameter gradients to ``total`` in image order (None: start)."""
+    for grads in per_image:
+        if total is None:
+            total = {k: g.copy() for k, g in grads.items()}
+        else:
+            for k, g in grads.items():
+                total[k] += g
+    return total
+
+
+def layer_forward(layer, query, reference_points, input_flatten, input_spatial_shapes,
+                  input_level_start_index=None, input_padding_mask=None):
+    """:meth:`cydeform.nn.MSDeformAttn.forward` over a batch of dask arrays chunked along N.
+
+    Parameters
+    ----------
+    layer : cydeform.nn.MSDeformAttn
+        Its parameters are copied into the graph when this is called; later changes to
+        the layer do not affect the result. Keeps no activations (use
+        :func:`layer_backward` for gradients).
+    query : dask array (N, Lq, C)
+    reference_points : array (N, Lq, L, 2 or 4), or (1, Lq, L, 2 or 4) shared by all images
+    input_flatten : dask array (N, S, C)
+    input_spatial_shapes, input_level_start_index : as in ``MSDeformAttn.forward``
+    input_padding_mask : bool array (N, S) or None
+
+    Only axis N may be chunked; arrays are rechunked to the N-chunks of ``query``
+    (or of ``input_flatten`` when ``query`` is not a dask array).
+
+    Returns
+    -------
+    dask array (N, Lq, C)
+        Bit-identical to ``layer.forward`` on the whole batch on the CPU.
+    """
+    spec = _layer_spec(layer)
+    arrays, nch = _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask)
+    _eager_check(layer, arrays, input_spatial_shapes, input_level_start_index)
+    q, r, f, m = (_blocks(arrays, k, len(nch)) for k in ("query", "reference_points", "input_flatten",
+                                                       "input_padding_mask"))
+    call = dask.delayed(_chunk_forward, pure=True)
+    spec_d = dask.delayed(spec, traverse=False)
+    parts = [call(spec_d, q[i], r[i], f[i], input_spatial_shapes, input_level_start_index, m[i])
+             for i in range(len(nch))]
+    Lq, C = arrays["query"].shape[1], layer.d_model
+    return _from_parts(parts, arrays["query"]._meta, lambda n: (n, Lq, C), layer.dtype, nch)
+
+
+def layer_backward(layer, grad_output, query, reference_points, input_flatten, input_spatial_shapes,
+                   input_level_start_index=None, input_padding_mask=None, *, deterministic=False):
+    """Gradients of :meth:`MSDeformAttn.forward` over a batch of dask arrays chunked along N.
+
+    Takes the forward's arguments (see :func:`layer_forward`) plus ``grad_output``
+    (N, Lq, C). Each chunk's task runs the chunk's forward again (workers keep no
+    activations), then the backward image by image.
+
+    Returns
+    -------
+    grad_query : dask array (N, Lq, C)
+    grad_reference_points : dask array shaped like ``reference_points``
+        Summed over the batch when ``reference_points`` has a leading 1.
+    grad_input_flatten : dask array (N, S, C)
+    param_grads : dict name -> dask array
+        The batch's parameter gradients under the PyTorch names of ``layer.grads``,
+        added image by image in image order (a chain of small tasks, one per chunk):
+        on the CPU bit-identical to ``layer.grads`` after ``zero_grad()``, ``forward``
+        and ``backward`` on the whole batch, whatever the chunking, scheduler or
+        retries. Add them into ``layer.grads`` yourself; the layer is not modified.
+
+    Notes
+    -----
+    Bit-identity needs the same BLAS thread count where the one call runs: NumPy's
+    weight-gradient products (a long reduction over the queries) round differently
+    when OpenBLAS splits them over another number of threads, and
+    ``distributed`` starts its workers with one BLAS thread. cydeform's own op is
+    independent of its thread count and of how the batch is split.
+    """
+    spec = _layer_spec(layer)
+    arrays, nch = _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask)
+    _eager_check(layer, arrays, input_spatial_shapes, input_level_start_index)
+    N, Lq, C = (int(s) for s in arrays["query"].shape)
+    if tuple(grad_output.shape) != (N, Lq, C):
+        raise ValueError(f"grad_output must have the output's shape (N, Lq, C) = {(N, Lq, C)}; "
+                         f"got {tuple(grad_output.shape)}")
+    g = _as_dask({"grad_output": grad_output}, nch)["grad_output"]
+    blocks = {k: _blocks(arrays, k, len(nch)) for k in ("query", "reference_points", "input_flatten",
+                                                         "input_padding_mask")}
+    gb = list(g.to_delayed().ravel())
+    call = dask.delayed(_chunk_backward, pure=True, nout=4)
+    spec_d = dask.delayed(spec, traverse=False)
+    parts = [call(spec_d, gb[i], blocks["query"][i], blocks["reference_points"][i], blocks["input_flatten"][i],
+                  input_spatial_shapes, input_level_start_index, blocks["input_padding_mask"][i],
+                  bool(deterministic)) for i in range(len(nch))]
+    total = None
+    acc = dask.delayed(_accumulate, pure=True)
+    for p in parts:
+        total = acc(total, p[3])
+    meta = arrays["query"]._meta
+    dt, S = layer.dtype, int(arrays["input_flatten"].shape[1])
+    ref = arrays["reference_points"]
+    ref_shape = tuple(int(s) for s in ref.shape)
+    grad_query = _from_parts([p[0] for p in parts], meta, lambda n: (n, Lq, C), dt, nch)
+    grad_input = _from_parts([p[2] for p in parts], meta, lambda n: (n, S, C), dt, nch)
+    meta4 = meta.reshape((0,) * len(ref_shape))
+    grad_ref = _from_parts([p[1] for p in parts], meta4, lambda n: (n,) + ref_shape[1:], dt, nch)
+    if ref_shape[0] == 1 and N > 1:
+        # The same reduction as the one call: sum over axis 0 of the whole (N, ...) array.
+        summed = dask.delayed(lambda a: a.sum(axis=0, keepdims=True), pure=True)(grad_ref.rechunk({0: -1}))
+        grad_ref = da.from_delayed(summed, shape=ref_shape, dtype=dt, meta=meta4)
+    params = {k: da.from_delayed(total[k], shape=tuple(v.shape), dtype=dt, meta=meta.reshape((0,) * v.ndim))
+              for k, v in layer.params.items()}
+    return grad_query, grad_ref, grad_input, params

@@ -263,6 +263,10 @@ class Linear(_Module):
     def backward(self, grad_y):
         """Accumulate ``weight`` and ``bias`` gradients; return the input's gradient.
 
+        For an input with 3 or more axes the gradients are added one slice of axis 0
+        (one image) at a time, in order, so splitting a batch along axis 0 and adding
+        the parts' gradients in order reproduces them bit for bit.
+
         Parameters
         ----------
         grad_y : array (..., out_features)
@@ -281,8 +285,15 @@ class Linear(_Module):
             raise ValueError(f"grad_y must have the forward output's shape {expected}; got {tuple(grad_y.shape)}")
         self._x = None
         g2 = grad_y.reshape(-1, self.out_features)
-        self._grads["weight"] += g2.T @ x.reshape(-1, self.in_features)
-        self._grads["bias"] += g2.sum(axis=0)
+        x2 = x.reshape(-1, self.in_features)
+        # Inputs with 3 or more axes (a batch of sequences) accumulate one slice of axis
+        # 0 at a time, in order: a batch split along axis 0 into parts whose gradients
+        # are added in order (cydeform.dask, gradient accumulation) gives the same bits.
+        rows = max(x2.shape[0] // x.shape[0] if x.ndim >= 3 and x.shape[0] > 0 else x2.shape[0], 1)
+        for start in range(0, max(x2.shape[0], 1), rows):
+            g, xs = g2[start:start + rows], x2[start:start + rows]
+            self._grads["weight"] += g.T @ xs
+            self._grads["bias"] += g.sum(axis=0)
         return (g2 @ self._params["weight"]).reshape(x.shape)
 
     def to(self, xp=None, dtype=None):

@@ -361,30 +361,31 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
         _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
 
 
-# Query chunks of the backward for a single image: each chunk scatters into its own
-# grad_value buffer (chunk 0 into grad_value itself), summed in chunk order at the end.
-# Two threads splitting the heads of one image instead write alternate halves of the
-# same cache pages and slow each other down (measured: no faster than one thread);
-# splitting the queries, each thread writes its own buffer. The count depends on the
-# problem size (and the internal threshold tests lower), never on the thread count, so
-# results stay bit-identical for any number of threads.
+# Query chunks of the backward, per image: each chunk scatters into its own grad_value
+# buffer (chunk 0 into grad_value itself), summed in chunk order at the end. Two threads
+# splitting the heads of one image instead write alternate halves of the same cache
+# pages and slow each other down (measured: no faster than one thread); splitting the
+# queries, each thread writes its own buffer. The count depends on one image's size
+# (and the internal threshold tests lower), never on the thread count or the batch
+# size, so results stay bit-identical for any number of threads and an image's
+# gradient is the same alone or in any batch (what cydeform.dask relies on).
 cdef enum:
     _QUERY_CHUNKS = 2
 
 
-def query_chunks(Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, int64_t work):
-    """Internal: how many query chunks (grad_value buffers) the backward uses.
+def query_chunks(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, int64_t work):
+    """Internal: how many query chunks (grad_value buffers) the backward uses per image.
 
-    Only for one image with many samples per value position (the encoder call has 16):
-    the extra buffer costs a pass over S*M*D, which a decoder call (300 queries) would
-    not earn back.
+    ``work`` is one image's samples x D. Only for images with many samples per value
+    position (the encoder call has 16): the extra buffer costs a pass over S*M*D, which
+    a decoder call (300 queries) would not earn back.
     """
-    return _query_chunks(N, S, Lq, L, P, work)
+    return _query_chunks(S, Lq, L, P, work)
 
 
-cdef inline Py_ssize_t _query_chunks(Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P,
+cdef inline Py_ssize_t _query_chunks(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P,
                                      int64_t work) noexcept nogil:
-    if N == 1 and Lq >= 2 * _QUERY_CHUNKS and Lq * L * P >= 4 * S and work >= _min_parallel_work:
+    if Lq >= 2 * _QUERY_CHUNKS and Lq * L * P >= 4 * S and work >= _min_parallel_work:
         return _QUERY_CHUNKS
     return 1
 
@@ -430,16 +431,26 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
-             sampling_locations, attention_weights):
-    """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn)."""
+             sampling_locations, attention_weights, buffers=None):
+    """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn).
+
+    ``buffers``: optional callable ``buffers(K)`` returning a zeroed C-contiguous array
+    (K, N, S, M, D) of value's dtype for the K query-chunk grad_value buffers (huge-page
+    staging, cydeform._staging), or None; grad_value is then its first buffer.
+    """
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    K = query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D)
-    # Zeroed here, not lazily by calloc, so the threads do not take the first-touch page
-    # faults of the same pages together mid-loop.
-    grad_value = np.empty(value.shape, dtype=value.dtype)
-    grad_value.fill(0)
-    extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
+    K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
+    staged = buffers(K) if buffers is not None else None
+    if staged is not None:
+        grad_value = staged[0]
+        extra = staged[1:].reshape(-1) if K > 1 else np.zeros(1, dtype=value.dtype)
+    else:
+        # Zeroed here, not lazily by calloc, so the threads do not take the first-touch
+        # page faults of the same pages together mid-loop.
+        grad_value = np.empty(value.shape, dtype=value.dtype)
+        grad_value.fill(0)
+        extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
     grad_loc = np.empty(sampling_locations.shape, dtype=value.dtype)
     grad_attn = np.empty(attention_weights.shape, dtype=value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
@@ -469,6 +480,115 @@ cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :,
                   &scratch[0, 0, 0], N, S, M, D, Lq, L, P)
 
 
+# --------------------------------------------------------------------------- measured floor
+# What the benchmark compares the op with (cydeform.bench, "floor"): the same corner-row
+# gathers in the same order with the same prefetch and the same parallel layout, summed
+# with weight 1, and no geometry (the row offsets come precomputed). Not used by the op.
+
+cdef inline void _floor_row(const floating* value, const int64_t* rows, Py_ssize_t K, Py_ssize_t D,
+                            const floating* zeros, const floating* ones, floating* out,
+                            floating* gv) noexcept nogil:
+    """out = sum_k value[rows[k] : + D]; with ``gv``, also gv[rows[k] : + D] += that row."""
+    cdef Py_ssize_t k, b = 0, j, d
+    cdef const floating* ptr[4 * _BLOCK]
+    cdef int64_t off
+    for d in range(D):
+        out[d] = 0
+    for k in range(K):
+        off = rows[k]
+        if off >= 0:
+            ptr[b] = value + off
+            cyd_prefetch_row(ptr[b])
+            if gv != NULL:
+                cyd_prefetch_row(gv + off)
+        else:
+            ptr[b] = zeros
+        b += 1
+        if b == 4 * _BLOCK or k == K - 1:  # K is 4 corners x L x P
+            _accumulate(out, ptr, ones, b // 4, D)
+            if gv != NULL:
+                for j in range(b):
+                    if ptr[j] != zeros:
+                        for d in range(D):
+                            gv[(ptr[j] - value) + d] += ptr[j][d]
+            b = 0
+
+
+cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t R, Py_ssize_t K,
+                         Py_ssize_t D, const floating* zeros, const floating* ones,
+                         floating* out) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in prange(R, schedule="static", num_threads=_threads(R * K * D // 4)):
+        _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, NULL)
+
+
+cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t Lq,
+                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, Py_ssize_t QK, const floating* zeros,
+                          const floating* ones, floating* out, floating* grad_value,
+                          floating* extra, Py_ssize_t size) noexcept nogil:
+    """The op backward's layout: tasks (n, query chunk c of QK, head group), chunk c
+    scattering into its own buffer (grad_value or extra), buffers added at the end."""
+    cdef Py_ssize_t t, n, c, m, q, r, i, m_lo, m_hi
+    cdef int threads = _threads(N * Lq * M * K * D // 4)
+    cdef Py_ssize_t groups = min(M, max(1, (threads + N * QK - 1) // (N * QK)))
+    cdef floating* gv
+    while (N * QK * groups) % threads != 0 and groups < M:
+        groups += 1
+    for t in prange(N * QK * groups, schedule="static", num_threads=threads):
+        n = t // (QK * groups)
+        c = (t // groups) % QK
+        m_lo = (t % groups) * M // groups
+        m_hi = (t % groups + 1) * M // groups
+        gv = grad_value if c == 0 else extra + (c - 1) * size
+        for q in range(c * Lq // QK, (c + 1) * Lq // QK):
+            for m in range(m_lo, m_hi):
+                r = (n * Lq + q) * M + m
+                _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, gv)
+    if QK > 1:
+        for i in prange(size, schedule="static", num_threads=threads):
+            for c in range(1, QK):
+                grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
+
+
+def gather_floor(value, const int64_t[:, ::1] rows, backward=False):
+    """Internal (benchmark floor). value (N, S, M, D); ``rows`` (N*Lq*M, K = 4 L P)
+    element offsets into value of the corner rows each output row (n, q, m) gathers
+    (-1: a corner outside the map). Returns the (N*Lq*M, D) sums; with ``backward``,
+    also adds every gathered row into a grad_value shaped like value, with the op
+    backward's buffers and task layout, and returns (sums, grad_value)."""
+    N, S, M, D = value.shape
+    R = rows.shape[0]
+    Lq = R // (N * M)
+    K = rows.shape[1]
+    out = np.empty((R, D), dtype=value.dtype)
+    zeros = np.zeros(D, dtype=value.dtype)
+    ones = np.ones(_BLOCK * 4, dtype=value.dtype)
+    QK = query_chunks(S, Lq, K // 4, 1, Lq * M * (K // 4) * D) if backward else 1
+    grad = np.empty(value.shape if backward else 1, dtype=value.dtype)
+    grad.fill(0)
+    extra = np.zeros(((QK - 1) * value.size) or 1, dtype=value.dtype)
+    if value.dtype == np.float32:
+        _gather_floor_typed[float](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
+                                   N, Lq, M, QK, backward)
+    else:
+        _gather_floor_typed[double](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
+                                    N, Lq, M, QK, backward)
+    return (out, grad) if backward else out
+
+
+cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,
+                         const floating[::1] zeros, const floating[::1] ones, floating[::1] grad,
+                         floating[::1] extra, Py_ssize_t N, Py_ssize_t Lq, Py_ssize_t M, Py_ssize_t QK,
+                         bint backward):
+    cdef Py_ssize_t R = rows.shape[0], K = rows.shape[1], D = out.shape[1]
+    with nogil:
+        if backward:
+            _floor_backward(&value[0], &rows[0, 0], N, Lq, M, K, D, QK, &zeros[0], &ones[0], &out[0, 0],
+                            &grad[0], &extra[0], value.shape[0])
+        else:
+            _floor_forward(&value[0], &rows[0, 0], R, K, D, &zeros[0], &ones[0], &out[0, 0])
+
+
 # C entry points for callers outside Python (cydeform.jax's XLA FFI handler calls them
 # from XLA's own threads, without the GIL). They run the same _forward/_backward as the
 # Python functions above, with the same scratch buffers, so results are bit-identical
@@ -490,9 +610,11 @@ cdef int _c_backward(const floating* grad_out, const floating* value, const int6
                      const int64_t* starts, const floating* loc, const floating* attn,
                      floating* grad_value, floating* grad_loc, floating* grad_attn, int64_t N, int64_t S,
                      int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
-    cdef Py_ssize_t K = _query_chunks(N, S, Lq, L, P, N * Lq * M * L * P * D)
+    # Per image, as backward() above: an image's gradient has the same bits in any batch.
+    cdef Py_ssize_t K = _query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     cdef Py_ssize_t size = N * S * M * D
-    # As backward() above: grad_value zeroed up front, the extra chunk buffers lazily (calloc).
+    # As backward() above without staging: grad_value zeroed up front, the extra chunk
+    # buffers lazily (calloc).
     cdef floating* extra = <floating*>calloc((K - 1) * size if K > 1 else 1, sizeof(floating))
     cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
     cdef floating* scratch = <floating*>malloc(N * K * M * 4 * D * sizeof(floating))

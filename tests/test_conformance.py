@@ -157,3 +157,37 @@ def test_outside_points_ignore_nonfinite_weights_and_grad_output(backend, dtype)
     loc[0, 2, 0, 1, 0, 1] = np.nan    # poisons row (0, 2, 0)
     loc[0, 3, 1, 0, 1, 0] = 1e30      # far, finite: nothing
     _check(backend, p)
+
+
+def test_hand_cases_x_minus_one_far_and_infinite_points(backend):
+    """Exact values worked out by hand. x = loc_x * W - 0.5 = -1: zero output, but the
+    cell [-1, 0) holds texel 0, so the (one-sided) location gradient is W * V[0] = 6.
+    Points at +-1e30, x = 2 W or x = -1.5 add nothing and have zero gradients; +-inf
+    locations poison their row and their own gradients only."""
+    value = np.array([3.0, 5.0]).reshape(1, 2, 1, 1)  # one 1x2 level, M = D = 1
+    shapes = np.array([[1, 2]])
+    loc = np.concatenate([np.array([[-0.25, 0.5], [1e30, 0.5], [0.5, -1e30], [2.0, 0.5], [-0.5, 0.5]]),
+                          np.array([[np.inf, 0.5], [0.5, -np.inf]])]).reshape(1, 7, 1, 1, 1, 2)
+    attn = np.ones((1, 7, 1, 1, 1))
+    g = np.ones((1, 7, 1))
+    out = backend.forward(value, shapes, None, loc, attn)
+    gv, gl, ga = backend.backward(g, value, shapes, None, loc, attn)
+    np.testing.assert_array_equal(out[0, :5, 0], 0.0)
+    assert np.isnan(out[0, 5:, 0]).all()
+    assert gl[0, 0, 0, 0, 0, 0] == 2 * 3.0 and gl[0, 0, 0, 0, 0, 1] == 0.0 and ga[0, 0, 0, 0, 0] == 0.0
+    np.testing.assert_array_equal(gl[0, 1:5], 0.0)
+    np.testing.assert_array_equal(ga[0, 1:5], 0.0)
+    assert np.isnan(gl[0, 5:]).all() and np.isnan(ga[0, 5:]).all()
+    # Only the x = -1 point reaches value, through texel 0 with weight 0 (x0 = -1 is
+    # outside, x0 + 1 = 0 has weight lx = 0): grad_value stays exactly zero.
+    np.testing.assert_array_equal(gv, 0.0)
+
+
+@pytest.mark.parametrize("D,dtype", [(1, np.float64), (8, np.float32)])
+def test_queries_of_several_images_in_one_block(backend, D, dtype):
+    """Lq not a multiple of a GPU block's query count: one 256-thread block holds queries
+    of three images, each of which must read its own image (value offset per image)."""
+    rng = np.random.default_rng(5)
+    p = _problem(rng, dtype, 3, 5, 1, D, 2, [(2, 3)])
+    p["value"] = (p["value"] + np.arange(3)[:, None, None, None] * 10).astype(dtype)
+    _check(backend, p)

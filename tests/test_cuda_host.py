@@ -194,35 +194,6 @@ def _random_problem(rng, dtype, N, Lq, M, D, P, sides, nonfinite=False):
                 attention_weights=rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype))
 
 
-def test_nonfinite_rows_and_far_points(rt):
-    """A NaN location makes its (n, q, m) row NaN and its own gradients NaN, nothing else;
-    a finite point far outside adds nothing and has zero gradients."""
-    rng = np.random.default_rng(3)
-    p = _random_problem(rng, np.float64, 1, 3, 2, 8, 2, [(3, 4)])
-    loc = p["sampling_locations"]
-    loc[0, 1, 0, 0, 1, 0] = np.nan   # row (0, 1, 0) -> NaN
-    loc[0, 2, 1, 0, 0, 1] = 1e30     # far away: nothing
-    grad = grad_output_for(p)
-    for mode in MODES:
-        out, (gv, gl, ga) = run(rt, p, grad, mode)
-        assert np.isnan(out[0, 1, :8]).all() and np.isfinite(out[0, 1, 8:]).all()
-        assert np.isfinite(np.delete(out.reshape(3, 2, 8), 1, axis=0)).all()
-        assert np.isnan(gl[0, 1, 0, 0, 1]).all() and np.isnan(ga[0, 1, 0, 0, 1])
-        assert np.isfinite(gl[0, 1, 0, 0, 0]).all() and np.isfinite(gv).all()
-        assert (gl[0, 2, 1, 0, 0] == 0).all() and ga[0, 2, 1, 0, 0] == 0
-
-
-@pytest.mark.parametrize("D,dtype", [(1, np.float64), (8, np.float32)])
-def test_block_spanning_several_images(rt, D, dtype):
-    """Lq not a multiple of a block's query count: one 256-thread block holds queries of
-    three images, each of which must read its own image."""
-    rng = np.random.default_rng(5)
-    p = _random_problem(rng, dtype, 3, 5, 1, D, 2, [(2, 3)])
-    p["value"] = (p["value"] + np.arange(3)[:, None, None, None] * 10).astype(dtype)
-    for mode in MODES:
-        check_against_cpu(rt, p, mode, dtype)
-
-
 def test_deterministic_grad_value_does_not_depend_on_the_schedule(rt):
     """Fewer blocks (a grid-stride loop) change which thread runs which point and so the
     order of atomic additions; the deterministic gradient stays bit-identical."""

@@ -174,21 +174,6 @@ def test_deterministic_backward_is_bit_identical(dtype):
     assert_matches(atomic[0].astype(cupy.float32), first[0].astype(cupy.float32), tol, "grad_value")
 
 
-def test_block_spanning_several_images():
-    """Lq not a multiple of a block's query count: blocks hold queries of two images."""
-    rng = np.random.default_rng(2)
-    for D, Lq in ((32, 7), (1, 13), (9, 301)):
-        p = random_problem(rng, np.float32, 3, Lq, 3, D, 2, [(6, 5), (3, 3)])
-        p["value"] += (np.arange(3, dtype=np.float32) * 10)[:, None, None, None]
-        grad = grad_output_for(p)
-        cpu_out, cpu_grads = cpu_run(p, grad)
-        for mode in ("fast", "baseline", "deterministic"):
-            out, grads = gpu_run(p, grad, mode)
-            assert_matches(out, cpu_out, 1e-5, "output")
-            for name, a, b in zip(("gv", "gl", "ga"), grads, cpu_grads):
-                assert_matches(a, b, 1e-5, name)
-
-
 def test_mixed_numpy_and_cupy_inputs_raise_type_error():
     p = random_problem(np.random.default_rng(3), np.float32, 1, 4, 2, 8, 2, [(3, 3)])
     g = to_gpu(p)

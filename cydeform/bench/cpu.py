@@ -5,7 +5,11 @@ Deformable DETR shapes of msda.md section 4, prints GB/s (a cost model: each sam
 gathers 4 corners x D channels) beside the thread count and dtype, and, when PyTorch is
 importable, times the grid_sample reference at the same thread count and prints the
 ratio. PyTorch is never a dependency. The calls and location distributions are those of
-``cydeform.bench.problems``.
+``cydeform.bench.problems``. Each row also shows the measured floor of the same call
+(``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters,
+without geometry or arithmetic, from the same pages: huge pages when the op stages
+value, cydeform._staging) and cydeform's time as a multiple of it; the header
+gives the machine's copy bandwidth. ``--no-floor`` skips them.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 
 import cydeform
 
+from . import floor
 from .problems import LEVELS, D, M, P, make_problem  # noqa: F401 (re-exported)
 
 
@@ -79,8 +84,11 @@ def run_cpu(args):
     print(f"# cydeform {cydeform.__version__} CPU benchmark: {_cpu_model()}, {os.cpu_count()} logical cores, "
           f"'{_cpu.isa}' build, numpy {np.__version__}"
           + (f", torch {ref[0].__version__}" if ref else ", torch not importable (no ratio)"))
-    print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()")
-    header = "| call | locations | dtype | threads | pass | cydeform ms | GB/s | torch ms | speed-up |"
+    print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()"
+          + ("" if args.no_floor else f"; copy bandwidth {floor.copy_gbs():.1f} GB/s (read + write, 256 MB); "
+             "floor: the same corner gathers (backward: and scatters) without geometry, same threads"))
+    header = ("| call | locations | dtype | threads | pass | cydeform ms | GB/s | "
+              + ("" if args.no_floor else "floor ms | x floor | ") + "torch ms | speed-up |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     single = {}
@@ -90,15 +98,25 @@ def run_cpu(args):
                 value, shapes, starts, loc, attn = make_problem(1, Lq, dist, np.dtype(dtype))
                 Lq_ = loc.shape[1]
                 grad = np.random.default_rng(1).standard_normal((1, Lq_, M * D)).astype(dtype)
+                rows = None if args.no_floor else floor.corner_rows(value.shape, shapes, starts, loc)
+                # The floor gathers from the pages the op gathers from: huge pages when it stages.
+                staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)
+                floor_value = value if staged is None else staged
                 for threads in args.threads:
                     cydeform.set_num_threads(threads)
                     t_f = median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), args.repeat, 0.5)
                     t_b = median_time(lambda: cydeform.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn),
                                       args.repeat, 0.5)
+                    fl_f = fl_b = None
+                    if rows is not None:
+                        fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows), args.repeat, 0.5)
+                        fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True),
+                                           args.repeat, 0.5)
                     tt_f = tt_b = None
                     if ref is not None:
                         tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)
-                    for name, t, tt, bwd in (("forward", t_f, tt_f, False), ("backward", t_b, tt_b, True)):
+                    for name, t, tt, fl, bwd in (("forward", t_f, tt_f, fl_f, False),
+                                                 ("backward", t_b, tt_b, fl_b, True)):
                         gbs = traffic_bytes(1, Lq_, dtype, bwd) / t / 1e9
                         key = (call, dist, dtype, name)
                         if threads == 1:
@@ -106,8 +124,9 @@ def run_cpu(args):
                         extra = f" ({single[key] / t:.2f}x 1 thread)" if threads > 1 and key in single else ""
                         torch_ms = f"{tt * 1e3:.1f}" if tt else "-"
                         ratio = f"{tt / t:.1f}x" if tt else "-"
+                        floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {t / fl:.2f} | "
                         print(f"| {call} | {dist} | {dtype} | {threads} | {name} | {t * 1e3:.2f}{extra} | {gbs:.1f} "
-                              f"| {torch_ms} | {ratio} |", flush=True)
+                              f"| {floor_cols}{torch_ms} | {ratio} |", flush=True)
 
 
 def _cpu_model():
@@ -157,6 +176,7 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
     parser.add_argument("--distributions", nargs="+", default=["uniform", "local"], choices=["uniform", "local"])
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--no-floor", action="store_true", help="skip the measured floor and copy bandwidth")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU benchmark even if a GPU is present")
     args = parser.parse_args(argv)
     if args.threads is None:

@@ -1,0 +1,52 @@
+"""The measured floor of the CPU benchmark: the op's memory traffic without its arithmetic.
+
+For a benchmark problem, ``corner_rows`` precomputes (untimed) the element offset of
+every corner row each output row (n, q, m) gathers, in the op's order: point by point
+(l, p), corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1). ``_cpu.gather_floor``
+then does those gathers with the op's prefetch and register accumulation, weight 1 and
+no geometry (forward floor), and with every gathered row also added into a per-thread
+grad buffer at its offset (backward floor: the op's scatter, minus the dot products).
+``copy_gbs`` is the machine's copy bandwidth. The benchmark prints each cydeform time as
+a multiple of its floor.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locations):
+    """(N*Lq*M, 4*L*P) int64 offsets into the flattened value (N, S, M, D); -1 where a
+    corner lies outside the map or the point's cell holds no texel (assumes finite locations)."""
+    N, S, M, D = value_shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    H = np.asarray(spatial_shapes)[:, 0].astype(np.int64)[None, None, None, :, None]
+    W = np.asarray(spatial_shapes)[:, 1].astype(np.int64)[None, None, None, :, None]
+    start = np.asarray(level_start_index).astype(np.int64)[None, None, None, :, None]
+    x = sampling_locations[..., 0].astype(np.float64) * W - 0.5
+    y = sampling_locations[..., 1].astype(np.float64) * H - 0.5
+    inside = (x >= -1) & (x < W) & (y >= -1) & (y < H)
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    n = np.arange(N).reshape(N, 1, 1, 1, 1)
+    m = np.arange(M).reshape(1, 1, M, 1, 1)
+    rows = []
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        cx, cy = x0 + dx, y0 + dy
+        ok = inside & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
+        offset = ((n * S + start + cy * W + cx) * M + m) * D
+        rows.append(np.where(ok, offset, -1))
+    return np.ascontiguousarray(np.stack(rows, axis=-1).reshape(N * Lq * M, L * P * 4))
+
+
+def copy_gbs(nbytes=256 << 20, repeat=5):
+    """Copy bandwidth in GB/s (bytes read + written per second), median of ``repeat`` copies."""
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # page faults out of the timing
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / float(np.median(times)) / 1e9

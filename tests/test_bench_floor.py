@@ -1,0 +1,71 @@
+"""The benchmark's floor does the op's gathers: its corner offsets are the op's corners,
+and its kernels sum and scatter exactly the rows they are given."""
+import numpy as np
+import pytest
+
+import cydeform
+from cydeform import _cpu
+from cydeform.bench.floor import copy_gbs, corner_rows
+from cydeform.bench.problems import make_problem
+
+LEVELS = np.array([[5, 7], [3, 4], [1, 2]])
+
+
+def problem(dtype, seed=0, Lq=9):
+    value, shapes, starts, loc, attn = make_problem(2, Lq, "uniform", dtype, seed=seed, levels=LEVELS)
+    loc = (loc * 1.6 - 0.3).astype(dtype)  # a third of the points near or past the border
+    return value, shapes, starts, loc, attn
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_corner_rows_are_the_ops_corners(dtype):
+    value, shapes, starts, loc, attn = problem(dtype)
+    rows = corner_rows(value.shape, shapes, starts, loc)
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    assert rows.shape == (N * Lq * M, 4 * L * P) and 0 < (rows >= 0).mean() < 1
+    # The op's output rebuilt from the offsets and the bilinear weights of each corner.
+    W, H = shapes[:, 1][None, None, None, :, None], shapes[:, 0][None, None, None, :, None]
+    x, y = loc[..., 0].astype(np.float64) * W - 0.5, loc[..., 1].astype(np.float64) * H - 0.5
+    lx, ly = x - np.floor(x), y - np.floor(y)
+    w = np.stack([(1 - lx) * (1 - ly), lx * (1 - ly), (1 - lx) * ly, lx * ly], axis=-1) * attn[..., None]
+    w = w.reshape(N * Lq * M, 4 * L * P)
+    flat = np.concatenate([value.reshape(-1).astype(np.float64), np.zeros(D)])
+    gathered = flat[np.where(rows >= 0, rows, flat.size - D)[..., None] + np.arange(D)]  # (R, K, D)
+    rebuilt = np.einsum("rk,rkd->rd", w, gathered).reshape(N, Lq, M * D)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(rebuilt, cydeform.ms_deform_attn(value, shapes, starts, loc, attn), atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,Lq", [(np.float32, 9), (np.float64, 9), (np.float64, 64)])
+def test_gather_floor_sums_and_scatters_the_given_rows(dtype, threads, Lq):
+    value, shapes, starts, loc, attn = problem(dtype, seed=1, Lq=Lq)
+    rows = corner_rows(value.shape, shapes, starts, loc)
+    before = cydeform.get_num_threads(), _cpu.set_min_parallel_work(0)
+    S, L, P, D = value.shape[1], len(LEVELS), loc.shape[4], value.shape[3]
+    # Lq = 64: the backward floor takes the op's query-chunk layout (several buffers).
+    assert (_cpu._impl.query_chunks(S, Lq, L, P, 0) > 1) == (Lq == 64)
+    try:
+        cydeform.set_num_threads(threads)
+        sums = _cpu._impl.gather_floor(value, rows)
+        sums_b, grad = _cpu._impl.gather_floor(value, rows, backward=True)
+    finally:
+        cydeform.set_num_threads(before[0])
+        _cpu.set_min_parallel_work(before[1])
+    D = value.shape[-1]
+    flat = value.reshape(-1).astype(np.float64)
+    want, want_grad = np.zeros((rows.shape[0], D)), np.zeros(flat.size)
+    for r, row in enumerate(rows):
+        for off in row[row >= 0]:
+            want[r] += flat[off:off + D]
+            want_grad[off:off + D] += flat[off:off + D]
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(sums, want, atol=tol)
+    np.testing.assert_array_equal(sums_b, sums)
+    assert grad.shape == value.shape
+    np.testing.assert_allclose(grad.reshape(-1), want_grad, atol=tol)
+
+
+def test_copy_bandwidth_is_a_positive_rate():
+    assert 0.1 < copy_gbs(8 << 20, repeat=3) < 10_000
