@@ -256,3 +256,11 @@ def test_static_geometry_as_tuples_and_concrete_jax_arrays():
 def test_importing_cydeform_does_not_import_jax():
     code = "import sys, cydeform, cydeform.functional, cydeform.nn; sys.exit('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_missing_compiler_is_named(monkeypatch):
+    from cydeform import _jax_ffi
+
+    monkeypatch.setenv("CXX", "no-such-compiler-cydeform")
+    with pytest.raises(_jax_ffi.BuildError, match="no-such-compiler-cydeform"):
+        _jax_ffi.library_path()
