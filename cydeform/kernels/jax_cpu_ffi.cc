@@ -18,8 +18,13 @@
 //             -> grad_value, grad_loc, grad_attn (the shapes of value, loc, attn)
 // Attributes: spatial_shapes (L*2 int64, rows (H, W)), level_start_index (L int64),
 // already validated in Python.
+#include <cstddef>
 #include <cstdint>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -42,6 +47,25 @@ BackwardFn<double> backward_f64 = nullptr;
 struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
 };
+
+// Ask for transparent huge pages on the 2 MiB-aligned interior of a large output buffer
+// before the backward first writes it, as NumPy does for every large array it allocates
+// (numpy's madvise_hugepage, on by default on Linux). The backward scatters into
+// grad_value at random rows; with 4 KiB pages that is TLB-bound (measured, float64
+// decoder call: 28.6 ms against 16.0 ms for the NumPy path, whose grad_value gets huge
+// pages). Advisory only: pages XLA already touched stay as they are.
+void AdviseHugePages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  if (bytes < (size_t(4) << 20)) return;
+  uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(huge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 // Product of the leading axes of `dims` before the last `tail` (the batch, folded into N).
 int64_t Leading(ffi::Span<const int64_t> dims, size_t tail) {
@@ -116,6 +140,7 @@ ffi::Error BackwardImpl(ffi::AnyBuffer grad_out, ffi::AnyBuffer value, ffi::AnyB
       grad_attn->element_count() != attn.element_count() || grad_value->element_type() != t ||
       grad_loc->element_type() != t || grad_attn->element_type() != t)
     return ffi::Error::InvalidArgument("cydeform: gradient buffers have the wrong shape or dtype");
+  AdviseHugePages(grad_value->untyped_data(), grad_value->size_bytes());
   int status;
   switch (t) {
     case ffi::DataType::F32:
