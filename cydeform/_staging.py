@@ -27,6 +27,7 @@ Staging happens only if all of these hold:
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import threading
 
@@ -40,8 +41,11 @@ _unavailable = False  # the kernel gave 4 KiB pages to a buffer: stop trying
 _local = threading.local()
 
 
+@functools.lru_cache(maxsize=None)
 def thp_mode():
-    """Transparent huge page mode of this Linux kernel ('always', 'madvise', 'never'), or None."""
+    """Transparent huge page mode of this Linux kernel ('always', 'madvise', 'never'), or None.
+
+    Read once per process: the staging decision runs on every call."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             text = f.read()

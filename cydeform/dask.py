@@ -27,28 +27,32 @@ _AXES = {
 }
 
 
+def _chunked_along_n(name, arr, chunks, axes=None):
+    """``arr`` as a dask array with N-chunks ``chunks``: NumPy/CuPy arrays wrapped, dask
+    arrays rechunked along N; chunking along any other axis refused (``axes`` names them)."""
+    if not isinstance(arr, da.Array):
+        arr = da.from_array(arr, chunks=(chunks,) + tuple(-1 for _ in arr.shape[1:]))
+    for i in range(1, arr.ndim):
+        if len(arr.chunks[i]) > 1:
+            label = f" ({axes[i]})" if axes else ""
+            raise ValueError(f"{name} is chunked along axis {i}{label}; only the batch axis N may be "
+                             f"chunked: rechunk with {name}.rechunk({{{i}: -1}})")
+    return arr.rechunk({0: chunks}) if arr.chunks[0] != chunks else arr
+
+
 def _as_dask(named, reference_chunks):
     """Wrap NumPy/CuPy arrays, check that only N is chunked, rechunk N to ``reference_chunks``."""
     out = {}
     for name, arr in named.items():
-        if not isinstance(arr, da.Array):
-            if not hasattr(arr, "shape"):
-                raise TypeError(f"{name} must be a dask, NumPy or CuPy array; got {type(arr).__name__}")
+        if not isinstance(arr, da.Array) and not hasattr(arr, "shape"):
+            raise TypeError(f"{name} must be a dask, NumPy or CuPy array; got {type(arr).__name__}")
         if len(arr.shape) < 1 or arr.shape[0] != sum(reference_chunks):
             raise ValueError(f"{name} has shape {tuple(arr.shape)} but the first dask argument has "
                              f"N = {sum(reference_chunks)} (axis 0)")
-        if not isinstance(arr, da.Array):
-            arr = da.from_array(arr, chunks=(reference_chunks,) + tuple(-1 for _ in arr.shape[1:]))
         axes = _AXES[name]
-        if arr.ndim != len(axes):
-            raise ValueError(f"{name} must have {len(axes)} axes {tuple(axes)}; got shape {arr.shape}")
-        for i in range(1, arr.ndim):
-            if len(arr.chunks[i]) > 1:
-                raise ValueError(f"{name} is chunked along axis {i} ({axes[i]}); only the batch axis N may be "
-                                 f"chunked: rechunk with {name}.rechunk({{{i}: -1}})")
-        if arr.chunks[0] != reference_chunks:
-            arr = arr.rechunk({0: reference_chunks})
-        out[name] = arr
+        if len(arr.shape) != len(axes):
+            raise ValueError(f"{name} must have {len(axes)} axes {tuple(axes)}; got shape {tuple(arr.shape)}")
+        out[name] = _chunked_along_n(name, arr, reference_chunks, axes)
     return out
 
 
@@ -172,7 +176,7 @@ def _rebuild(spec):
     return layer
 
 
-def _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask):
+def _layer_inputs(query, reference_points, input_flatten, input_padding_mask):
     """Dask arrays chunked along N like ``query``; reference points with a leading 1 stay whole."""
     for name, arr, ndim in (("query", query, 3), ("input_flatten", input_flatten, 3)):
         if not hasattr(arr, "shape") or len(arr.shape) != ndim:
@@ -193,13 +197,7 @@ def _layer_inputs(layer, query, reference_points, input_flatten, input_padding_m
         if not hasattr(arr, "shape") or len(arr.shape) < 1 or arr.shape[0] != first.shape[0]:
             raise ValueError(f"{name} has N = {getattr(arr, 'shape', (None,))[0]} (axis 0 of shape "
                              f"{getattr(arr, 'shape', None)}) but query/input_flatten have N = {first.shape[0]}")
-        if not isinstance(arr, da.Array):
-            arr = da.from_array(arr, chunks=(nch,) + tuple(-1 for _ in arr.shape[1:]))
-        for i in range(1, arr.ndim):
-            if len(arr.chunks[i]) > 1:
-                raise ValueError(f"{name} is chunked along axis {i}; only the batch axis N may be chunked: "
-                                 f"rechunk with {name}.rechunk({{{i}: -1}})")
-        out[name] = arr.rechunk({0: nch}) if arr.chunks[0] != nch else arr
+        out[name] = _chunked_along_n(name, arr, nch)
     if ref_whole:
         out["reference_points"] = reference_points.compute() if isinstance(reference_points, da.Array) \
             else reference_points
@@ -208,10 +206,9 @@ def _layer_inputs(layer, query, reference_points, input_flatten, input_padding_m
 
 def _eager_check(layer, arrays, input_spatial_shapes, input_level_start_index):
     """Run the layer's own checks on zero-memory stand-ins of one image, before any compute."""
-    stand = {k: _stand_in(v) if isinstance(v, da.Array) else v for k, v in arrays.items()}
-    one = {k: v[:1] for k, v in stand.items()}
     if layer.xp is not np:
         return  # stand-ins are NumPy; the layer checks CuPy chunks when the tasks run
+    one = {k: (_stand_in(v) if isinstance(v, da.Array) else v)[:1] for k, v in arrays.items()}
     N, _, shapes = layer._check_queries(one["query"], one["reference_points"], input_spatial_shapes)
     layer._check_values(one["input_flatten"], N, shapes, input_level_start_index, one.get("input_padding_mask"))
 
@@ -232,8 +229,8 @@ def _chunk_forward(spec, query, ref, flat, shapes, starts, mask):
 def _chunk_backward(spec, grad_output, query, ref, flat, shapes, starts, mask, deterministic):
     """One chunk's input gradients and each image's parameter gradients, image by image.
 
-    Returns (grad_query, grad_reference_points or None-if-shared-summed-later, grad_input,
-    list over images of {name: parameter gradient}). Each image runs alone so its
+    Returns (grad_query, grad_reference_points (one row per image, also when the
+    references are shared), grad_input, list over images of {name: parameter gradient}). Each image runs alone so its
     parameter gradients are the exact term :meth:`Linear.backward` adds for it in one call.
     """
     layer = _rebuild(spec)
@@ -287,7 +284,7 @@ def layer_forward(layer, query, reference_points, input_flatten, input_spatial_s
         Bit-identical to ``layer.forward`` on the whole batch on the CPU.
     """
     spec = _layer_spec(layer)
-    arrays, nch = _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask)
+    arrays, nch = _layer_inputs(query, reference_points, input_flatten, input_padding_mask)
     _eager_check(layer, arrays, input_spatial_shapes, input_level_start_index)
     q, r, f, m = (_blocks(arrays, k, len(nch)) for k in ("query", "reference_points", "input_flatten",
                                                        "input_padding_mask"))
@@ -329,7 +326,7 @@ def layer_backward(layer, grad_output, query, reference_points, input_flatten, i
     independent of its thread count and of how the batch is split.
     """
     spec = _layer_spec(layer)
-    arrays, nch = _layer_inputs(layer, query, reference_points, input_flatten, input_padding_mask)
+    arrays, nch = _layer_inputs(query, reference_points, input_flatten, input_padding_mask)
     _eager_check(layer, arrays, input_spatial_shapes, input_level_start_index)
     N, Lq, C = (int(s) for s in arrays["query"].shape)
     if tuple(grad_output.shape) != (N, Lq, C):

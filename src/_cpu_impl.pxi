@@ -390,6 +390,15 @@ cdef inline Py_ssize_t _query_chunks(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, 
     return 1
 
 
+cdef inline Py_ssize_t _head_groups(Py_ssize_t chunks, Py_ssize_t M, int threads) noexcept nogil:
+    """Head groups per (image, query chunk): as few as keep every thread busy, and a task
+    count (chunks x groups) that divides evenly among the threads where M allows."""
+    cdef Py_ssize_t groups = min(M, max(1, (threads + chunks - 1) // chunks))
+    while (chunks * groups) % threads != 0 and groups < M:
+        groups += 1
+    return groups
+
+
 cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
                     const int64_t* starts, const floating* loc, const floating* attn,
                     floating* grad_value, floating* extra, Py_ssize_t K, floating* grad_loc,
@@ -407,9 +416,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
     # one task over q ascending (then l, p, corner): the same order for any grouping of
     # heads, hence any thread count. As few head groups as keep every thread busy, and
     # a task count that divides evenly among the threads where M allows.
-    cdef Py_ssize_t groups = min(M, max(1, (threads + N * K - 1) // (N * K)))
-    while (N * K * groups) % threads != 0 and groups < M:
-        groups += 1
+    cdef Py_ssize_t groups = _head_groups(N * K, M, threads)
     for t in prange(N * K * groups, schedule="static", num_threads=threads):
         n = t // (K * groups)
         c = (t // groups) % K
@@ -530,10 +537,8 @@ cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t
     scattering into its own buffer (grad_value or extra), buffers added at the end."""
     cdef Py_ssize_t t, n, c, m, q, r, i, m_lo, m_hi
     cdef int threads = _threads(N * Lq * M * K * D // 4)
-    cdef Py_ssize_t groups = min(M, max(1, (threads + N * QK - 1) // (N * QK)))
+    cdef Py_ssize_t groups = _head_groups(N * QK, M, threads)
     cdef floating* gv
-    while (N * QK * groups) % threads != 0 and groups < M:
-        groups += 1
     for t in prange(N * QK * groups, schedule="static", num_threads=threads):
         n = t // (QK * groups)
         c = (t // groups) % QK
