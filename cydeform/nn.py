@@ -203,6 +203,14 @@ class _Module:
             self._params[name][...] = v
 
 
+def _slice_rows(x, x2):
+    """Rows of ``x2`` (``x`` as 2-d) per slice of axis 0 for inputs with 3 or more axes
+    (one image of a batch), else all of them (at least 1)."""
+    if x.ndim >= 3 and x.shape[0] > 0:
+        return max(x2.shape[0] // x.shape[0], 1)
+    return max(x2.shape[0], 1)
+
+
 class Linear(_Module):
     """Affine map ``y = x W^T + b`` with W stored (out, in), as PyTorch's ``nn.Linear``.
 
@@ -256,16 +264,26 @@ class Linear(_Module):
             raise ValueError(f"x must end in in_features = {self.in_features}; got shape {tuple(x.shape)}")
         self._x = x
         w, b = self._params["weight"], self._params["bias"]
-        # One 2-d GEMM: batched matmul over leading axes is slower in NumPy.
-        y = x.reshape(-1, self.in_features) @ w.T + b
+        x2 = x.reshape(-1, self.in_features)
+        rows = _slice_rows(x, x2)
+        if rows >= x2.shape[0]:
+            y = x2 @ w.T + b  # one 2-d GEMM: batched matmul over leading axes is slower in NumPy
+        else:
+            # One GEMM per slice of axis 0: a BLAS may round a row differently depending
+            # on how many rows the call has (OpenBLAS on an AMD EPYC does), so this keeps
+            # an image's output the same alone or in any batch (cydeform.dask relies on it).
+            y = self._xp.empty((x2.shape[0], self.out_features), dtype=self._dtype)
+            for start in range(0, x2.shape[0], rows):
+                y[start:start + rows] = x2[start:start + rows] @ w.T + b
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def backward(self, grad_y):
         """Accumulate ``weight`` and ``bias`` gradients; return the input's gradient.
 
         For an input with 3 or more axes the gradients are added one slice of axis 0
-        (one image) at a time, in order, so splitting a batch along axis 0 and adding
-        the parts' gradients in order reproduces them bit for bit.
+        (one image) at a time, in order, and the input's gradient is computed one slice
+        at a time, so splitting a batch along axis 0 and adding the parts' gradients in
+        order reproduces them bit for bit (at a fixed BLAS thread count).
 
         Parameters
         ----------
@@ -289,12 +307,16 @@ class Linear(_Module):
         # Inputs with 3 or more axes (a batch of sequences) accumulate one slice of axis
         # 0 at a time, in order: a batch split along axis 0 into parts whose gradients
         # are added in order (cydeform.dask, gradient accumulation) gives the same bits.
-        rows = max(x2.shape[0] // x.shape[0] if x.ndim >= 3 and x.shape[0] > 0 else x2.shape[0], 1)
+        rows = _slice_rows(x, x2)
+        w = self._params["weight"]
+        grad_x = g2 @ w if rows >= x2.shape[0] else self._xp.empty(x2.shape, dtype=self._dtype)
         for start in range(0, max(x2.shape[0], 1), rows):
             g, xs = g2[start:start + rows], x2[start:start + rows]
             self._grads["weight"] += g.T @ xs
             self._grads["bias"] += g.sum(axis=0)
-        return (g2 @ self._params["weight"]).reshape(x.shape)
+            if rows < x2.shape[0]:
+                grad_x[start:start + rows] = g @ w  # per slice, as in forward()
+        return grad_x.reshape(x.shape)
 
     def to(self, xp=None, dtype=None):
         """Move parameters and gradients to array module ``xp`` and/or cast to ``dtype``.
