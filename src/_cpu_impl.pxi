@@ -79,11 +79,19 @@ cdef extern from "msda_inner.h":
     void cyd_sample_backward_f(const float* g, const float* v0, const float* v1, const float* v2,
                                const float* v3, float* gv0, float* gv1, float* gv2, float* gv3,
                                float aw0, float aw1, float aw2, float aw3, ptrdiff_t D,
-                               double* dots) noexcept nogil
+                               float* lanes) noexcept nogil
     void cyd_sample_backward_d(const double* g, const double* v0, const double* v1, const double* v2,
                                const double* v3, double* gv0, double* gv1, double* gv2, double* gv3,
                                double aw0, double aw1, double aw2, double aw3, ptrdiff_t D,
-                               double* dots) noexcept nogil
+                               double* lanes) noexcept nogil
+    void cyd_sample_dots_f(const float* g, const float* v0, const float* v1, const float* v2,
+                           const float* v3, ptrdiff_t D, float* lanes) noexcept nogil
+    void cyd_sample_dots_d(const double* g, const double* v0, const double* v1, const double* v2,
+                           const double* v3, ptrdiff_t D, double* lanes) noexcept nogil
+    void cyd_reduce_lanes_f(const float* lanes, double* dots) noexcept nogil
+    void cyd_reduce_lanes_d(const double* lanes, double* dots) noexcept nogil
+    void cyd_axpy_f(float* out, float w, const float* x, ptrdiff_t D) noexcept nogil
+    void cyd_axpy_d(double* out, double w, const double* x, ptrdiff_t D) noexcept nogil
 
 # 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
 cdef int _num_threads = 0
@@ -159,6 +167,7 @@ cdef inline int _corners(double loc_x, double loc_y, int64_t H, int64_t W,
 # them: all loads of a block are independent, so their cache misses overlap.
 cdef enum:
     _BLOCK = 64
+    _LANES = 8  # CYD_LANES of msda_inner.h
 
 
 cdef inline void _accumulate(floating* out, const floating** ptr, const floating* w, Py_ssize_t npts,
@@ -265,19 +274,50 @@ cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] sh
 cdef inline void _backward_block(Py_ssize_t D,
                                  const floating* g, const int64_t* geo_k, const int* inside, const double* geo,
                                  const floating** v, floating** gv, Py_ssize_t npts,
-                                 floating* grad_loc, floating* grad_attn) noexcept nogil:
-    """Backward of ``npts`` in-map samples whose geometry _backward_row gathered.
+                                 floating* grad_loc, floating* grad_attn, floating* weights) noexcept nogil:
+    """Backward of ``npts`` in-map samples whose geometry _backward_row (or _sparse_row)
+    gathered.
 
     Sample j is point geo_k[j] of the row; geo[5j:5j+5] = (lx, ly, A, W, H); bit c of
-    inside[j] says corner c is in the map. Its corner rows are v[4j:4j+4] (value) and
-    gv[4j:4j+4] (grad_value); corners outside the map read a zero row and scatter into
-    the task's scratch rows with weight 0.
+    inside[j] says corner c is in the map. Its corner rows are v[4j:4j+4] (value) and,
+    with ``gv``, gv[4j:4j+4] (grad_value, scattered into); corners outside the map read a
+    zero row and scatter into the task's scratch rows with weight 0. Without ``gv``
+    (the sparse backward), the corner weights go to weights[4 geo_k[j] + c] instead.
+    First every sample's loads and scatters (partial sums kept), then every sample's
+    scalar gradients: the loads of several samples are in flight together.
     """
     cdef Py_ssize_t j, c, k
     cdef double lx, ly, hx, hy, a
     cdef double dots[4]
     cdef double w[4]
     cdef floating aw[4]
+    cdef floating lanes[4 * _LANES * _BLOCK]
+    for j in range(npts):
+        lx = geo[5 * j]
+        ly = geo[5 * j + 1]
+        a = geo[5 * j + 2]
+        if gv == NULL:
+            if floating is float:
+                cyd_sample_dots_f(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], D,
+                                  lanes + 4 * _LANES * j)
+            else:
+                cyd_sample_dots_d(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], D,
+                                  lanes + 4 * _LANES * j)
+            continue
+        w[0] = (1.0 - ly) * (1.0 - lx)
+        w[1] = (1.0 - ly) * lx
+        w[2] = ly * (1.0 - lx)
+        w[3] = ly * lx
+        for c in range(4):
+            aw[c] = <floating>(a * w[c]) if inside[j] & (1 << c) else 0
+        if floating is float:
+            cyd_sample_backward_f(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3],
+                                  gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
+                                  aw[0], aw[1], aw[2], aw[3], D, lanes + 4 * _LANES * j)
+        else:
+            cyd_sample_backward_d(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3],
+                                  gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
+                                  aw[0], aw[1], aw[2], aw[3], D, lanes + 4 * _LANES * j)
     for j in range(npts):
         lx = geo[5 * j]
         ly = geo[5 * j + 1]
@@ -288,17 +328,14 @@ cdef inline void _backward_block(Py_ssize_t D,
         w[1] = hy * lx
         w[2] = ly * hx
         w[3] = ly * lx
-        for c in range(4):
-            aw[c] = <floating>(a * w[c]) if inside[j] & (1 << c) else 0
         if floating is float:
-            cyd_sample_backward_f(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3],
-                                  gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
-                                  aw[0], aw[1], aw[2], aw[3], D, dots)
+            cyd_reduce_lanes_f(lanes + 4 * _LANES * j, dots)
         else:
-            cyd_sample_backward_d(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3],
-                                  gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
-                                  aw[0], aw[1], aw[2], aw[3], D, dots)
+            cyd_reduce_lanes_d(lanes + 4 * _LANES * j, dots)
         k = geo_k[j]
+        if gv == NULL:
+            for c in range(4):
+                weights[4 * k + c] = <floating>(a * w[c])
         grad_attn[k] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
         grad_loc[2 * k] = <floating>(geo[5 * j + 3] * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
         grad_loc[2 * k + 1] = <floating>(geo[5 * j + 4] * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
@@ -355,10 +392,10 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
                     gv[4 * npts + c] = scratch + c * D
             npts += 1
             if npts == _BLOCK:
-                _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
+                _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn, NULL)
                 npts = 0
     if npts > 0:
-        _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
+        _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn, NULL)
 
 
 # Query chunks of the backward, per image: each chunk scatters into its own grad_value
@@ -437,16 +474,207 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
                 grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
 
 
+# ------------------------------------------------------------------------ sparse backward
+# For calls with few samples per value position (a decoder call: 300 queries x 16
+# samples against 22223 positions), the dense backward's scatters each land on a cold
+# row of a freshly zeroed 22.7 MB grad_value. Instead, cache-blocked:
+# 1. rows (n, q, m) in parallel: geometry, value gathers and the four dot products give
+#    grad_loc and grad_attn; each corner's grad_value row ("key", -1 outside the map)
+#    and weight A w_c go to a fixed slot; slot order is (n, q, m, l, p, corner);
+# 2. the slots bucketed, stably, by block of grad_value rows (_SPARSE_BLOCK_BYTES of
+#    grad_value each, so a block stays in L2), one range of blocks per thread;
+# 3. per block: its rows zeroed, then its slots added in slot order.
+# So grad_value is written once by the thread that owns the block, with its scatters
+# in cache; there is no separate zeroing pass. A grad_value element is summed over q
+# ascending, then l, p, exactly as in the dense backward with one query chunk: both
+# methods give the same bits (tests/test_cpu.py).
+
+cdef enum:
+    _SPARSE_BLOCK_BYTES = 128 * 1024
+
+
+cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
+    """log2 of the grad_value rows per block: the largest power of 2 within _SPARSE_BLOCK_BYTES."""
+    cdef int shift = 0
+    while (2 << shift) * D * itemsize <= _SPARSE_BLOCK_BYTES:
+        shift += 1
+    return shift
+
+
+def sparse_blocks(Py_ssize_t rows, Py_ssize_t D, Py_ssize_t itemsize):
+    """Internal: blocks of the sparse backward for ``rows`` = N S M grad_value rows."""
+    cdef int shift = _sparse_block_shift(D, itemsize)
+    return (rows + (1 << shift) - 1) >> shift
+
+
+cdef inline bint _sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+    # At most one sample per value position and head, in one image: never the thread
+    # count or the batch size, so an image's gradient has the same bits in any batch.
+    return Lq * L * P <= S
+
+
+def sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):
+    """Internal: whether backward() picks the sparse method for this image shape."""
+    return _sparse_applies(S, Lq, L, P)
+
+
+cdef inline void _sparse_row(const floating* value_nm, const floating* zeros, int64_t row_stride,
+                             const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
+                             Py_ssize_t D, Py_ssize_t M, int64_t key_nm, const floating* g,
+                             const floating* loc, const floating* attn, floating* grad_loc,
+                             floating* grad_attn, int64_t* keys, floating* weights) noexcept nogil:
+    """Phase 1 for one (n, q, m) row: grad_loc, grad_attn and the row's 4 L P slots:
+    keys[4k + c], the grad_value row (in units of D) of corner c of point k, or -1;
+    weights[4k + c], its weight. ``key_nm`` is the key of position 0, n S M + m."""
+    cdef Py_ssize_t l, p, c, k
+    cdef int64_t idx[4]
+    cdef double lx, ly
+    cdef int status
+    cdef int64_t geo_k[_BLOCK]
+    cdef double geo[5 * _BLOCK]
+    cdef const floating* v[4 * _BLOCK]
+    cdef Py_ssize_t npts = 0
+    for l in range(L):
+        for p in range(P):
+            k = l * P + p
+            status = _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
+            if status <= 0:
+                grad_attn[k] = NAN if status < 0 else 0
+                grad_loc[2 * k] = grad_attn[k]
+                grad_loc[2 * k + 1] = grad_attn[k]
+                for c in range(4):
+                    keys[4 * k + c] = -1
+                continue
+            geo_k[npts] = k
+            geo[5 * npts] = lx
+            geo[5 * npts + 1] = ly
+            geo[5 * npts + 2] = attn[k]
+            geo[5 * npts + 3] = <double>shapes[2 * l + 1]
+            geo[5 * npts + 4] = <double>shapes[2 * l]
+            for c in range(4):
+                if idx[c] >= 0:
+                    keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M
+                    v[4 * npts + c] = value_nm + (starts[l] + idx[c]) * row_stride
+                    cyd_prefetch_row(v[4 * npts + c])
+                else:
+                    keys[4 * k + c] = -1
+                    v[4 * npts + c] = zeros
+            npts += 1
+            if npts == _BLOCK:
+                _backward_block(D, g, geo_k, NULL, geo, v, NULL, npts, grad_loc, grad_attn, weights)
+                npts = 0
+    if npts > 0:
+        _backward_block(D, g, geo_k, NULL, geo, v, NULL, npts, grad_loc, grad_attn, weights)
+
+
+cdef void _backward_sparse(const floating* grad_out, const floating* value, const int64_t* shapes,
+                           const int64_t* starts, const floating* loc, const floating* attn,
+                           floating* grad_value, floating* grad_loc, floating* grad_attn,
+                           const floating* zeros, int64_t* keys, floating* weights, int64_t* block_first,
+                           int64_t* cursor, int64_t* sorted_key, int64_t* sorted_src, floating* sorted_w, Py_ssize_t N,
+                           Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
+                           Py_ssize_t P) noexcept nogil:
+    """Work arrays: keys, weights, sorted_key, sorted_src, sorted_w of 4 N Lq M L P slots;
+    block_first of B + 1 and cursor of B entries, B = sparse_blocks(N S M, D, itemsize).
+    grad_value need not be zeroed."""
+    cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
+    cdef int shift = _sparse_block_shift(D, sizeof(floating))
+    cdef Py_ssize_t B = (NB + (1 << shift) - 1) >> shift
+    cdef Py_ssize_t r, n, m, t, j, e, key, blk, b, lo, hi, pos, row_lo, row_hi
+    cdef int threads = _threads(N * Lq * M * L * P * D)
+    # 1. Per row: gradients of the locations and weights, and the slots.
+    for r in prange(R, schedule="static", num_threads=threads):
+        n = r // (Lq * M)
+        m = r % M
+        _sparse_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D, M,
+                    n * S * M + m, grad_out + r * D, loc + r * LP * 2, attn + r * LP,
+                    grad_loc + r * LP * 2, grad_attn + r * LP, keys + r * LP * 4, weights + r * LP * 4)
+    # 2a. Slots per block, into block_first[blk + 1]; thread t counts its blocks' slots.
+    block_first[0] = 0
+    for t in prange(threads, schedule="static", num_threads=threads):
+        lo = t * B // threads
+        hi = (t + 1) * B // threads
+        for blk in range(lo, hi):
+            block_first[blk + 1] = 0
+        for e in range(R * LP * 4):
+            blk = keys[e] >> shift  # -1 >> shift is -1: no block
+            if blk >= lo and blk < hi:
+                block_first[blk + 1] += 1
+    for blk in range(B):
+        block_first[blk + 1] += block_first[blk]
+    # 2b and 3. Thread t: its blocks' slots in slot order, then block by block, the
+    # rows zeroed and the slots added.
+    for t in prange(threads, schedule="static", num_threads=threads):
+        lo = t * B // threads
+        hi = (t + 1) * B // threads
+        for blk in range(lo, hi):
+            cursor[blk] = block_first[blk]
+        for r in range(R):
+            for j in range(LP * 4):
+                e = r * LP * 4 + j
+                key = keys[e]
+                blk = key >> shift
+                if blk >= lo and blk < hi:
+                    pos = cursor[blk]
+                    cursor[blk] = pos + 1
+                    sorted_key[pos] = key
+                    sorted_src[pos] = r
+                    sorted_w[pos] = weights[e]
+        for blk in range(lo, hi):
+            row_lo = blk << shift
+            row_hi = min(NB, (blk + 1) << shift)
+            memset(grad_value + row_lo * D, 0, (row_hi - row_lo) * D * sizeof(floating))
+            for pos in range(block_first[blk], block_first[blk + 1]):
+                if floating is float:
+                    cyd_axpy_f(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
+                else:
+                    cyd_axpy_d(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
+
+
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
-             sampling_locations, attention_weights, buffers=None):
+             sampling_locations, attention_weights, buffers=None, method=None):
     """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn).
 
-    ``buffers``: optional callable ``buffers(K)`` returning a zeroed C-contiguous array
-    (K, N, S, M, D) of value's dtype for the K query-chunk grad_value buffers (huge-page
-    staging, cydeform._staging), or None; grad_value is then its first buffer.
+    ``method``: 'dense' (scatter into zeroed grad_value buffers), 'sparse' (sorted
+    scatter, see _backward_sparse) or None: sparse where sparse_applies(S, Lq, L, P).
+    Both give the same bits where the dense method uses one query chunk.
+    ``buffers`` (dense only): optional callable ``buffers(K)`` returning a zeroed
+    C-contiguous array (K, N, S, M, D) of value's dtype for the K query-chunk grad_value
+    buffers (huge-page staging, cydeform._staging), or None; grad_value is then its
+    first buffer.
     """
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    if method is None:
+        method = "sparse" if sparse_applies(S, Lq, L, P) else "dense"
+    if method not in ("dense", "sparse"):
+        raise ValueError(f"method must be 'dense', 'sparse' or None; got {method!r}")
+    grad_loc = np.empty(sampling_locations.shape, dtype=value.dtype)
+    grad_attn = np.empty(attention_weights.shape, dtype=value.dtype)
+    zeros = np.zeros(D, dtype=value.dtype)
+    if method == "sparse":
+        # Written whole by the sparse backward: no zeroing.
+        grad_value = np.empty(value.shape, dtype=value.dtype)
+        slots = 4 * N * Lq * M * L * P
+        blocks = sparse_blocks(N * S * M, D, value.itemsize)
+        keys = np.empty(slots, dtype=np.int64)
+        sorted_key = np.empty(slots, dtype=np.int64)
+        sorted_src = np.empty(slots, dtype=np.int64)
+        weights = np.empty(slots, dtype=value.dtype)
+        sorted_w = np.empty(slots, dtype=value.dtype)
+        block_first = np.empty(blocks + 1, dtype=np.int64)
+        cursor = np.empty(blocks, dtype=np.int64)
+        if value.dtype == np.float32:
+            _backward_sparse_typed[float](grad_output, value, spatial_shapes, level_start_index,
+                                          sampling_locations, attention_weights, grad_value, grad_loc,
+                                          grad_attn, zeros, keys, weights, block_first, cursor, sorted_key,
+                                          sorted_src, sorted_w)
+        else:
+            _backward_sparse_typed[double](grad_output, value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights, grad_value, grad_loc,
+                                           grad_attn, zeros, keys, weights, block_first, cursor, sorted_key,
+                                           sorted_src, sorted_w)
+        return grad_value, grad_loc, grad_attn
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     staged = buffers(K) if buffers is not None else None
     if staged is not None:
@@ -458,9 +686,6 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
         grad_value = np.empty(value.shape, dtype=value.dtype)
         grad_value.fill(0)
         extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
-    grad_loc = np.empty(sampling_locations.shape, dtype=value.dtype)
-    grad_attn = np.empty(attention_weights.shape, dtype=value.dtype)
-    zeros = np.zeros(D, dtype=value.dtype)
     # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
     scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
     if value.dtype == np.float32:
@@ -485,6 +710,24 @@ cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :,
                   &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0], &extra[0], K,
                   &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
                   &scratch[0, 0, 0], N, S, M, D, Lq, L, P)
+
+
+cdef _backward_sparse_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :, ::1] value,
+                            const int64_t[:, ::1] shapes, const int64_t[::1] starts,
+                            const floating[:, :, :, :, :, ::1] loc, const floating[:, :, :, :, ::1] attn,
+                            floating[:, :, :, ::1] grad_value, floating[:, :, :, :, :, ::1] grad_loc,
+                            floating[:, :, :, :, ::1] grad_attn, const floating[::1] zeros,
+                            int64_t[::1] keys, floating[::1] weights, int64_t[::1] block_first,
+                            int64_t[::1] cursor, int64_t[::1] sorted_key, int64_t[::1] sorted_src,
+                            floating[::1] sorted_w):
+    cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
+    cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
+    with nogil:
+        _backward_sparse(&grad_out[0, 0, 0], &value[0, 0, 0, 0], &shapes[0, 0], &starts[0],
+                         &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0],
+                         &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0], &keys[0],
+                         &weights[0], &block_first[0], &cursor[0], &sorted_key[0], &sorted_src[0],
+                         &sorted_w[0], N, S, M, D, Lq, L, P)
 
 
 # --------------------------------------------------------------------------- measured floor
@@ -559,12 +802,22 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False):
     """Internal (benchmark floor). value (N, S, M, D); ``rows`` (N*Lq*M, K = 4 L P)
     element offsets into value of the corner rows each output row (n, q, m) gathers
     (-1: a corner outside the map). Returns the (N*Lq*M, D) sums; with ``backward``,
-    also adds every gathered row into a grad_value shaped like value, with the op
-    backward's buffers and task layout, and returns (sums, grad_value)."""
+    also returns a grad_value shaped like value: for a call the backward does densely,
+    every gathered row added into it with the op backward's buffers and task layout;
+    for a sparse one (sparse_applies, which needs only L P = K / 4), only written once
+    with zeros in parallel: the sparse method's one pass over it."""
     N, S, M, D = value.shape
     R = rows.shape[0]
     Lq = R // (N * M)
     K = rows.shape[1]
+    if backward and sparse_applies(S, Lq, K // 4, 1):
+        out = gather_floor(value, rows)
+        grad = np.empty(value.shape, dtype=value.dtype)
+        if value.dtype == np.float32:
+            _zero_parallel[float](grad.reshape(-1), R * K * D // 4)
+        else:
+            _zero_parallel[double](grad.reshape(-1), R * K * D // 4)
+        return out, grad
     out = np.empty((R, D), dtype=value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
     ones = np.ones(_BLOCK * 4, dtype=value.dtype)
@@ -579,6 +832,16 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False):
         _gather_floor_typed[double](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
                                     N, Lq, M, QK, backward)
     return (out, grad) if backward else out
+
+
+cdef _zero_parallel(floating[::1] a, int64_t work):
+    """a[:] = 0 in blocks of _SPARSE_BLOCK_BYTES over the threads a call of ``work`` uses."""
+    cdef Py_ssize_t n = a.shape[0], per = _SPARSE_BLOCK_BYTES // sizeof(floating), b, lo
+    cdef int threads = _threads(work)
+    with nogil:
+        for b in prange((n + per - 1) // per, schedule="static", num_threads=threads):
+            lo = b * per
+            memset(&a[0] + lo, 0, min(per, n - lo) * sizeof(floating))
 
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,
@@ -615,6 +878,9 @@ cdef int _c_backward(const floating* grad_out, const floating* value, const int6
                      const int64_t* starts, const floating* loc, const floating* attn,
                      floating* grad_value, floating* grad_loc, floating* grad_attn, int64_t N, int64_t S,
                      int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    if _sparse_applies(S, Lq, L, P):
+        return _c_backward_sparse(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc,
+                                  grad_attn, N, S, M, D, Lq, L, P)
     # Per image, as backward() above: an image's gradient has the same bits in any batch.
     cdef Py_ssize_t K = _query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     cdef Py_ssize_t size = N * S * M * D
@@ -632,6 +898,40 @@ cdef int _c_backward(const floating* grad_out, const floating* value, const int6
     free(extra)
     free(zeros)
     free(scratch)
+    return status
+
+
+cdef int _c_backward_sparse(const floating* grad_out, const floating* value, const int64_t* shapes,
+                            const int64_t* starts, const floating* loc, const floating* attn,
+                            floating* grad_value, floating* grad_loc, floating* grad_attn, int64_t N,
+                            int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    # The work arrays of backward()'s sparse method.
+    cdef int64_t slots = 4 * N * Lq * M * L * P
+    cdef int shift = _sparse_block_shift(D, sizeof(floating))
+    cdef int64_t blocks = (N * S * M + (1 << shift) - 1) >> shift
+    cdef int64_t* keys = <int64_t*>malloc(slots * sizeof(int64_t))
+    cdef int64_t* sorted_key = <int64_t*>malloc(slots * sizeof(int64_t))
+    cdef int64_t* sorted_src = <int64_t*>malloc(slots * sizeof(int64_t))
+    cdef floating* weights = <floating*>malloc(slots * sizeof(floating))
+    cdef floating* sorted_w = <floating*>malloc(slots * sizeof(floating))
+    cdef int64_t* block_first = <int64_t*>malloc((blocks + 1) * sizeof(int64_t))
+    cdef int64_t* cursor = <int64_t*>malloc(blocks * sizeof(int64_t))
+    cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
+    cdef int status = 1
+    if (keys != NULL and sorted_key != NULL and sorted_src != NULL and weights != NULL
+            and sorted_w != NULL and block_first != NULL and cursor != NULL and zeros != NULL):
+        _backward_sparse(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
+                         zeros, keys, weights, block_first, cursor, sorted_key, sorted_src, sorted_w,
+                         N, S, M, D, Lq, L, P)
+        status = 0
+    free(keys)
+    free(sorted_key)
+    free(sorted_src)
+    free(weights)
+    free(sorted_w)
+    free(block_first)
+    free(cursor)
+    free(zeros)
     return status
 
 

@@ -9,11 +9,17 @@
  * Every sum has a fixed order that does not depend on the vector width, so each ISA
  * build of the backend (baseline, AVX2, AVX-512, all with -ffp-contract=off) and every
  * thread count give bit-identical results.
+ *
+ * With GCC/Clang, channels go CYD_LANES at a time through explicit vector types (8
+ * floats: one AVX2 register, two SSE ones, half an AVX-512 one). Left to plain loops,
+ * GCC vectorised the channel loops across the wrong axis (shuffles and stack spills,
+ * measured 2026-12-03). Elsewhere, plain loops with the same element-wise arithmetic.
  */
 #ifndef CYDEFORM_MSDA_INNER_H
 #define CYDEFORM_MSDA_INNER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #define restrict __restrict  /* MSVC's C mode spells C99 restrict this way */
@@ -28,42 +34,132 @@
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
 
-/* A chunk of 128 bytes of channels, as one GCC/Clang vector (lowered to whatever width the
- * build targets); elsewhere, a plain array with the same element-wise arithmetic. */
 #if defined(__GNUC__)
-#define CYD_CHUNK_TYPE(T, SUF, CHUNK) typedef T cyd_chunk_##SUF __attribute__((vector_size(CHUNK * sizeof(T))));
-#define CYD_HAVE_VECTORS 1
-#else
-#define CYD_HAVE_VECTORS 0
-#endif
+/* ------------------------------------------------------------------ vector types */
+/* The helpers are static inline: passing vectors by value has no ABI to keep. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float cyd_lanes_f __attribute__((vector_size(CYD_LANES * sizeof(float))));
+typedef double cyd_lanes_d __attribute__((vector_size(CYD_LANES * sizeof(double))));
 
-#define CYD_DEFINE_INNER(T, SUF, CHUNK)                                                       \
+#define CYD_DEFINE_INNER(T, SUF)                                                              \
+static inline cyd_lanes_##SUF cyd_load_##SUF(const T *p) {                                    \
+    cyd_lanes_##SUF v;                                                                        \
+    __builtin_memcpy(&v, p, sizeof v);                                                        \
+    return v;                                                                                 \
+}                                                                                             \
+static inline void cyd_store_##SUF(T *p, cyd_lanes_##SUF v) { __builtin_memcpy(p, &v, sizeof v); } \
 /* One block of a row's samples: out[d] += sum_k (w0 v0[d] + w1 v1[d] + w2 v2[d] + w3 v3[d])  \
  * with sample k's corner rows at ptr[4k + c] and weights (attention included) at w[4k + c].  \
- * CHUNK channels at a time stay in registers across all samples; every out[d] is summed in  \
- * sample order, the same as one sample at a time. */                                        \
+ * Every out[d] is summed in sample order, the same as one sample at a time; 4 x CYD_LANES   \
+ * channels stay in registers across all samples. */                                         \
 static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
                                         const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
-    ptrdiff_t d0 = 0;                                                                         \
-    CYD_ACCUMULATE_CHUNKS_##SUF                                                               \
-    for (; d0 < D; ++d0) {                                                                    \
-        T acc = out[d0];                                                                      \
+    ptrdiff_t d = 0;                                                                          \
+    for (; d + 4 * CYD_LANES <= D; d += 4 * CYD_LANES) {                                      \
+        cyd_lanes_##SUF acc[4];                                                               \
+        for (int u = 0; u < 4; ++u) acc[u] = cyd_load_##SUF(out + d + u * CYD_LANES);         \
+        for (ptrdiff_t k = 0; k < npts; ++k) {                                                \
+            const T *p0 = ptr[4 * k] + d, *p1 = ptr[4 * k + 1] + d;                           \
+            const T *p2 = ptr[4 * k + 2] + d, *p3 = ptr[4 * k + 3] + d;                       \
+            T w0 = w[4 * k], w1 = w[4 * k + 1], w2 = w[4 * k + 2], w3 = w[4 * k + 3];         \
+            for (int u = 0; u < 4; ++u) {                                                     \
+                int o = u * CYD_LANES;                                                        \
+                acc[u] += w0 * cyd_load_##SUF(p0 + o) + w1 * cyd_load_##SUF(p1 + o)           \
+                        + w2 * cyd_load_##SUF(p2 + o) + w3 * cyd_load_##SUF(p3 + o);          \
+            }                                                                                 \
+        }                                                                                     \
+        for (int u = 0; u < 4; ++u) cyd_store_##SUF(out + d + u * CYD_LANES, acc[u]);         \
+    }                                                                                         \
+    for (; d + CYD_LANES <= D; d += CYD_LANES) {                                              \
+        cyd_lanes_##SUF acc = cyd_load_##SUF(out + d);                                        \
         for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
-            acc += w[4 * k] * ptr[4 * k][d0] + w[4 * k + 1] * ptr[4 * k + 1][d0]              \
-                 + w[4 * k + 2] * ptr[4 * k + 2][d0] + w[4 * k + 3] * ptr[4 * k + 3][d0];      \
-        out[d0] = acc;                                                                        \
+            acc += w[4 * k] * cyd_load_##SUF(ptr[4 * k] + d)                                  \
+                 + w[4 * k + 1] * cyd_load_##SUF(ptr[4 * k + 1] + d)                          \
+                 + w[4 * k + 2] * cyd_load_##SUF(ptr[4 * k + 2] + d)                          \
+                 + w[4 * k + 3] * cyd_load_##SUF(ptr[4 * k + 3] + d);                         \
+        cyd_store_##SUF(out + d, acc);                                                        \
+    }                                                                                         \
+    for (; d < D; ++d) {                                                                      \
+        T acc = out[d];                                                                       \
+        for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
+            acc += w[4 * k] * ptr[4 * k][d] + w[4 * k + 1] * ptr[4 * k + 1][d]                \
+                 + w[4 * k + 2] * ptr[4 * k + 2][d] + w[4 * k + 3] * ptr[4 * k + 3][d];        \
+        out[d] = acc;                                                                         \
     }                                                                                         \
 }                                                                                             \
 /* Backward of one sample in one pass over d:                                                 \
- *   dots[c] = sum_d g[d] vc[d]          (the four dot products every scalar gradient needs)  \
- *   gvc[d] += awc g[d]                  (scatter into the four corner rows of grad_value)    \
- * The dot products keep CYD_LANES independent partial sums (lane j takes d = j mod 8, the    \
- * tail goes to lane 0), summed in lane order at the end. */                                  \
-static inline void cyd_sample_backward_##SUF(                                                 \
+ *   lanes[8c + j] = sum_{d = j mod 8} g[d] vc[d]   (partial sums of the four dot products   \
+ *                                                    every scalar gradient needs; the tail   \
+ *                                                    d >= D - D % 8 goes to lane 0)          \
+ *   gvc[d] += awc g[d]                  (scatter into the four corner rows of grad_value,    \
+ *                                        if ``scatter``)                                     \
+ * cyd_reduce_lanes sums the lanes later: a block's samples first all issue their loads,     \
+ * then all reduce, so more of their cache misses overlap (measured 2026-12-03). */          \
+static inline void cyd_sample_pass_##SUF(                                                     \
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
         T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
-        double *restrict dots) {                                                              \
+        T *restrict lanes, int scatter) {                                                     \
+    cyd_lanes_##SUF a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                   \
+    ptrdiff_t d = 0;                                                                          \
+    for (; d + CYD_LANES <= D; d += CYD_LANES) {                                              \
+        cyd_lanes_##SUF gd = cyd_load_##SUF(g + d);                                           \
+        a0 += gd * cyd_load_##SUF(v0 + d);                                                    \
+        a1 += gd * cyd_load_##SUF(v1 + d);                                                    \
+        a2 += gd * cyd_load_##SUF(v2 + d);                                                    \
+        a3 += gd * cyd_load_##SUF(v3 + d);                                                    \
+        if (scatter) {                                                                        \
+            cyd_store_##SUF(gv0 + d, cyd_load_##SUF(gv0 + d) + aw0 * gd);                     \
+            cyd_store_##SUF(gv1 + d, cyd_load_##SUF(gv1 + d) + aw1 * gd);                     \
+            cyd_store_##SUF(gv2 + d, cyd_load_##SUF(gv2 + d) + aw2 * gd);                     \
+            cyd_store_##SUF(gv3 + d, cyd_load_##SUF(gv3 + d) + aw3 * gd);                     \
+        }                                                                                     \
+    }                                                                                         \
+    for (; d < D; ++d) {                                                                      \
+        T gj = g[d];                                                                          \
+        a0[0] += gj * v0[d];                                                                  \
+        a1[0] += gj * v1[d];                                                                  \
+        a2[0] += gj * v2[d];                                                                  \
+        a3[0] += gj * v3[d];                                                                  \
+        if (scatter) {                                                                        \
+            gv0[d] += aw0 * gj;                                                               \
+            gv1[d] += aw1 * gj;                                                               \
+            gv2[d] += aw2 * gj;                                                               \
+            gv3[d] += aw3 * gj;                                                               \
+        }                                                                                     \
+    }                                                                                         \
+    cyd_store_##SUF(lanes, a0);                                                               \
+    cyd_store_##SUF(lanes + CYD_LANES, a1);                                                   \
+    cyd_store_##SUF(lanes + 2 * CYD_LANES, a2);                                               \
+    cyd_store_##SUF(lanes + 3 * CYD_LANES, a3);                                               \
+}                                                                                             \
+/* out[d] += w x[d]: one corner's scatter of the sparse backward, the same arithmetic as     \
+ * cyd_sample_backward's gv[d] += aw g[d]. */                                                 \
+static inline void cyd_axpy_##SUF(T *restrict out, T w, const T *restrict x, ptrdiff_t D) {   \
+    ptrdiff_t d = 0;                                                                          \
+    for (; d + CYD_LANES <= D; d += CYD_LANES)                                                \
+        cyd_store_##SUF(out + d, cyd_load_##SUF(out + d) + w * cyd_load_##SUF(x + d));        \
+    for (; d < D; ++d) out[d] += w * x[d];                                                    \
+}
+
+#else
+/* ------------------------------------------------------------------ plain loops */
+#define CYD_DEFINE_INNER(T, SUF)                                                              \
+static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
+                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
+    for (ptrdiff_t d = 0; d < D; ++d) {                                                       \
+        T acc = out[d];                                                                       \
+        for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
+            acc += w[4 * k] * ptr[4 * k][d] + w[4 * k + 1] * ptr[4 * k + 1][d]                \
+                 + w[4 * k + 2] * ptr[4 * k + 2][d] + w[4 * k + 3] * ptr[4 * k + 3][d];        \
+        out[d] = acc;                                                                         \
+    }                                                                                         \
+}                                                                                             \
+static inline void cyd_sample_pass_##SUF(                                                     \
+        const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
+        const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
+        T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
+        T *restrict lanes, int scatter) {                                                     \
     T a0[CYD_LANES] = {0}, a1[CYD_LANES] = {0}, a2[CYD_LANES] = {0}, a3[CYD_LANES] = {0};     \
     ptrdiff_t D8 = D - D % CYD_LANES, d;                                                      \
     for (d = 0; d < D8; d += CYD_LANES)                                                       \
@@ -73,10 +169,12 @@ static inline void cyd_sample_backward_##SUF(                                   
             a1[j] += gj * v1[d + j];                                                          \
             a2[j] += gj * v2[d + j];                                                          \
             a3[j] += gj * v3[d + j];                                                          \
-            gv0[d + j] += aw0 * gj;                                                           \
-            gv1[d + j] += aw1 * gj;                                                           \
-            gv2[d + j] += aw2 * gj;                                                           \
-            gv3[d + j] += aw3 * gj;                                                           \
+            if (scatter) {                                                                    \
+                gv0[d + j] += aw0 * gj;                                                       \
+                gv1[d + j] += aw1 * gj;                                                       \
+                gv2[d + j] += aw2 * gj;                                                       \
+                gv3[d + j] += aw3 * gj;                                                       \
+            }                                                                                 \
         }                                                                                     \
     for (; d < D; ++d) {                                                                      \
         T gj = g[d];                                                                          \
@@ -84,44 +182,50 @@ static inline void cyd_sample_backward_##SUF(                                   
         a1[0] += gj * v1[d];                                                                  \
         a2[0] += gj * v2[d];                                                                  \
         a3[0] += gj * v3[d];                                                                  \
-        gv0[d] += aw0 * gj;                                                                   \
-        gv1[d] += aw1 * gj;                                                                   \
-        gv2[d] += aw2 * gj;                                                                   \
-        gv3[d] += aw3 * gj;                                                                   \
-    }                                                                                         \
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                    \
-    for (int j = 0; j < CYD_LANES; ++j) {                                                     \
-        s0 += a0[j]; s1 += a1[j]; s2 += a2[j]; s3 += a3[j];                                   \
-    }                                                                                         \
-    dots[0] = s0; dots[1] = s1; dots[2] = s2; dots[3] = s3;                                   \
-}
-
-#if CYD_HAVE_VECTORS
-/* Full chunks of channels: the accumulator lives in vector registers across samples. */
-#define CYD_ACCUMULATE_CHUNKS(T, SUF, CHUNK)                                                  \
-    for (; d0 + CHUNK <= D; d0 += CHUNK) {                                                    \
-        cyd_chunk_##SUF acc, v0, v1, v2, v3;                                                  \
-        __builtin_memcpy(&acc, out + d0, sizeof acc);                                         \
-        for (ptrdiff_t k = 0; k < npts; ++k) {                                                \
-            __builtin_memcpy(&v0, ptr[4 * k] + d0, sizeof v0);                                \
-            __builtin_memcpy(&v1, ptr[4 * k + 1] + d0, sizeof v1);                            \
-            __builtin_memcpy(&v2, ptr[4 * k + 2] + d0, sizeof v2);                            \
-            __builtin_memcpy(&v3, ptr[4 * k + 3] + d0, sizeof v3);                            \
-            acc += w[4 * k] * v0 + w[4 * k + 1] * v1 + w[4 * k + 2] * v2 + w[4 * k + 3] * v3; \
+        if (scatter) {                                                                        \
+            gv0[d] += aw0 * gj;                                                               \
+            gv1[d] += aw1 * gj;                                                               \
+            gv2[d] += aw2 * gj;                                                               \
+            gv3[d] += aw3 * gj;                                                               \
         }                                                                                     \
-        __builtin_memcpy(out + d0, &acc, sizeof acc);                                         \
-    }
-CYD_CHUNK_TYPE(float, f, 32)
-CYD_CHUNK_TYPE(double, d, 16)
-#define CYD_ACCUMULATE_CHUNKS_f CYD_ACCUMULATE_CHUNKS(float, f, 32)
-#define CYD_ACCUMULATE_CHUNKS_d CYD_ACCUMULATE_CHUNKS(double, d, 16)
-#else
-#define CYD_ACCUMULATE_CHUNKS_f
-#define CYD_ACCUMULATE_CHUNKS_d
+    }                                                                                         \
+    for (int j = 0; j < CYD_LANES; ++j) {                                                     \
+        lanes[j] = a0[j]; lanes[CYD_LANES + j] = a1[j];                                       \
+        lanes[2 * CYD_LANES + j] = a2[j]; lanes[3 * CYD_LANES + j] = a3[j];                   \
+    }                                                                                         \
+}                                                                                             \
+static inline void cyd_axpy_##SUF(T *restrict out, T w, const T *restrict x, ptrdiff_t D) {   \
+    for (ptrdiff_t d = 0; d < D; ++d) out[d] += w * x[d];                                     \
+}
 #endif
 
-/* 128 bytes of channels per register chunk. */
-CYD_DEFINE_INNER(float, f, 32)
-CYD_DEFINE_INNER(double, d, 16)
+#define CYD_DEFINE_ENTRY_POINTS(T, SUF)                                                       \
+static inline void cyd_sample_backward_##SUF(                                                 \
+        const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
+        const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
+        T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
+        T *restrict lanes) {                                                                  \
+    cyd_sample_pass_##SUF(g, v0, v1, v2, v3, gv0, gv1, gv2, gv3, aw0, aw1, aw2, aw3, D, lanes, 1); \
+}                                                                                             \
+/* The partial sums alone (same lanes, same order: the same bits), for the sparse            \
+ * backward, which scatters later. */                                                         \
+static inline void cyd_sample_dots_##SUF(const T *restrict g, const T *restrict v0,           \
+        const T *restrict v1, const T *restrict v2, const T *restrict v3, ptrdiff_t D,        \
+        T *restrict lanes) {                                                                  \
+    cyd_sample_pass_##SUF(g, v0, v1, v2, v3, NULL, NULL, NULL, NULL, 0, 0, 0, 0, D, lanes, 0); \
+}                                                                                             \
+/* dots[c] = lanes[8c] + ... + lanes[8c + 7], in double, in lane order. */                    \
+static inline void cyd_reduce_lanes_##SUF(const T *restrict lanes, double *restrict dots) {   \
+    for (int c = 0; c < 4; ++c) {                                                             \
+        double s = 0;                                                                         \
+        for (int j = 0; j < CYD_LANES; ++j) s += lanes[c * CYD_LANES + j];                    \
+        dots[c] = s;                                                                          \
+    }                                                                                         \
+}
+
+CYD_DEFINE_INNER(float, f)
+CYD_DEFINE_INNER(double, d)
+CYD_DEFINE_ENTRY_POINTS(float, f)
+CYD_DEFINE_ENTRY_POINTS(double, d)
 
 #endif

@@ -223,6 +223,59 @@ def test_chunked_backward_on_random_problems(restore_threads, data, dtype, nonfi
             assert_close(np.nan_to_num(a), np.nan_to_num(e), dtype, scale=10.0)
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only restores state
+@given(data=st.data(), dtype=st.sampled_from([np.float64, np.float32]), nonfinite=st.booleans())
+def test_sparse_and_dense_backward_give_the_same_bits(restore_threads, data, dtype, nonfinite):
+    """The sparse backward (sorted scatter, the default for few samples per value
+    position) sums every element in the dense backward's order, for any thread count."""
+    from hypothesis import assume
+
+    from cydeform import _cpu
+
+    problem = data.draw(problems(dtype=dtype, nonfinite=nonfinite, max_batch=3))
+    value, shapes, starts, loc, attn = args(problem)
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    assume(_cpu._impl.query_chunks(S, Lq, L, P, Lq * M * L * P * D) == 1)  # one dense buffer
+    g = grad_output_for(problem)
+    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
+        for a, b in zip(sparse, dense):
+            assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype,D", [(np.float64, 33), (np.float32, 32)])
+def test_sparse_backward_over_many_row_blocks_matches_the_oracle(restore_threads, dtype, D):
+    """A decoder-like call (300 queries, few samples per position) goes sparse, over
+    more grad_value blocks than threads; it matches the oracle and the dense method."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(D)
+    shapes = np.array([[20, 30], [10, 15], [5, 8]])
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    N, M, Lq, L, P = 2, 4, 30, 3, 2
+    assert _cpu._impl.sparse_applies(S, Lq, L, P)
+    assert _cpu._impl.sparse_blocks(N * S * M, D, np.dtype(dtype).itemsize) > 3
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(-0.1, 1.1, (N, Lq, M, L, P, 2))
+    loc = push_off_kinks(loc, shapes, 1e-3).astype(dtype)
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
+    g = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    expected = ms_deform_attn_backward_reference(g, value, shapes, None, loc, attn)
+    starts = np.concatenate(([0], np.cumsum(shapes[:, 0] * shapes[:, 1])[:-1])).astype(np.int64)
+    dense = _cpu._impl.backward(g, value, shapes.astype(np.int64), starts, loc, attn, method="dense")
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        got = cydeform.ms_deform_attn_backward(g, value, shapes, None, loc, attn)
+        for a, b, e in zip(got, dense, expected):
+            assert a.tobytes() == b.tobytes()
+            assert_close(a, e, dtype, scale=4.0)
+    with pytest.raises(ValueError, match="method"):
+        _cpu._impl.backward(g, value, shapes.astype(np.int64), starts, loc, attn, method="sorted")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("L,P,D", [(3, 30, 5), (1, 64, 33), (2, 40, 32), (1, 1, 67), (4, 4, 96)])
 def test_many_points_and_wide_heads_match_the_oracle(restore_threads, dtype, L, P, D):

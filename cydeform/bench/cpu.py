@@ -7,7 +7,7 @@ importable, times the grid_sample reference at the same thread count and prints 
 ratio. PyTorch is never a dependency. The calls and location distributions are those of
 ``cydeform.bench.problems``. Each row also shows the measured floor of the same call
 (``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters,
-without geometry or arithmetic, from the same pages: huge pages when the op stages
+or for a backward that goes sparse one write of grad_value, without geometry or arithmetic, from the same pages: huge pages when the op stages
 value, cydeform._staging) and cydeform's time as a multiple of it; the header
 gives the machine's copy bandwidth. ``--no-floor`` skips them.
 """
@@ -86,7 +86,8 @@ def run_cpu(args):
           + (f", torch {ref[0].__version__}" if ref else ", torch not importable (no ratio)"))
     print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()"
           + ("" if args.no_floor else f"; copy bandwidth {floor.copy_gbs():.1f} GB/s (read + write, 256 MB); "
-             "floor: the same corner gathers (backward: and scatters) without geometry, same threads"))
+             "floor: the same corner gathers (backward: and scatters, or where the backward goes "
+             "sparse, one write of grad_value) without geometry, same threads"))
     header = ("| call | locations | dtype | threads | pass | cydeform ms | GB/s | "
               + ("" if args.no_floor else "floor ms | x floor | ") + "torch ms | speed-up |")
     print(header)

@@ -5,7 +5,10 @@ every corner row each output row (n, q, m) gathers, in the op's order: point by 
 (l, p), corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1). ``_cpu.gather_floor``
 then does those gathers with the op's prefetch and register accumulation, weight 1 and
 no geometry (forward floor), and with every gathered row also added into a per-thread
-grad buffer at its offset (backward floor: the op's scatter, minus the dot products).
+grad buffer at its offset (backward floor: the op's scatter, minus the dot products;
+for calls the backward does with its sparse method, few samples per value position,
+the gathers and one parallel write of grad_value instead, which is all of that
+method's memory traffic).
 ``copy_gbs`` is the machine's copy bandwidth. The benchmark prints each cydeform time as
 a multiple of its floor.
 """
