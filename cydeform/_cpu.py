@@ -45,32 +45,42 @@ _impl = _load(isa)
 
 
 def _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """value in a huge-page buffer when that pays for this call (cydeform._staging), else None."""
+    """(value copied into a staging buffer, whether that buffer has huge pages) when that
+    pays for this call (cydeform._staging), else (None, False)."""
     gathers = 4 * attention_weights.size
+    huge = _staging.huge_pages_enabled()
     # The cheap tests first (spread 1.0: the most a call can gain); page_spread costs
     # ~0.1 ms, a decoder call ~1 ms.
-    if not (_staging.worth_staging(value.nbytes, gathers, 1.0) and _staging.huge_pages_enabled()):
-        return None
-    spread = _staging.page_spread(value.shape, value.itemsize, spatial_shapes, level_start_index,
-                                  sampling_locations)
-    if not _staging.worth_staging(value.nbytes, gathers, spread):
-        return None
-    return _staging.staged_copy(value)
+    if huge and _staging.worth_staging(value.nbytes, gathers, 1.0):
+        spread = _staging.page_spread(value.shape, value.itemsize, spatial_shapes, level_start_index,
+                                      sampling_locations)
+        if _staging.worth_staging(value.nbytes, gathers, spread):
+            staged = _staging.staged_copy(value, huge=True)
+            if staged is not None:
+                return staged, True
+    if _staging.worth_aligning(value.ctypes.data, value.shape[-1] * value.itemsize, value.nbytes, gathers):
+        # Only the alignment pays: the buffer with huge pages where they are enabled
+        # (they do not hurt), else a plain one.
+        staged = _staging.staged_copy(value, huge=_staging.huge_pages_enabled())
+        if staged is None:
+            staged = _staging.staged_copy(value, huge=False)
+        return staged, False
+    return None, False
 
 
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The op on validated C-contiguous arrays (see src/_cpu_impl.pxi)."""
-    staged = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    staged, _ = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _impl.forward(value if staged is None else staged, spatial_shapes, level_start_index,
                          sampling_locations, attention_weights)
 
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Gradients on validated C-contiguous arrays; grad_value is never a staging buffer."""
-    staged = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if staged is None:
-        return _impl.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights)
+    staged, huge = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not huge:
+        return _impl.backward(grad_output, value if staged is None else staged, spatial_shapes,
+                              level_start_index, sampling_locations, attention_weights)
     grad_value, grad_loc, grad_attn = _impl.backward(
         grad_output, staged, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         buffers=lambda K: _staging.zeroed((K,) + value.shape, value.dtype))

@@ -25,6 +25,17 @@ from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
+def _aligned_empty(shape, dtype):
+    """np.empty, but starting on a 64-byte cache line: NumPy's big arrays start 16 bytes
+    into a page (glibc), so every 128-byte row of a (.., M, 32) float32 array would
+    straddle three lines instead of two (measured on value: up to 1.5x slower gathers)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 ctypedef fused floating:
     float
     double
@@ -244,7 +255,7 @@ def forward(value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] leve
     """Forward on validated C-contiguous arrays; returns (N, Lq, M*D) of value's dtype."""
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    out = np.empty((N, Lq, M * D), dtype=value.dtype)
+    out = _aligned_empty((N, Lq, M * D), value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
     if value.dtype == np.float32:
         _forward_typed[float](value, spatial_shapes, level_start_index, sampling_locations,
@@ -654,7 +665,7 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     zeros = np.zeros(D, dtype=value.dtype)
     if method == "sparse":
         # Written whole by the sparse backward: no zeroing.
-        grad_value = np.empty(value.shape, dtype=value.dtype)
+        grad_value = _aligned_empty(value.shape, value.dtype)
         slots = 4 * N * Lq * M * L * P
         blocks = sparse_blocks(N * S * M, D, value.itemsize)
         keys = np.empty(slots, dtype=np.int64)
@@ -683,9 +694,10 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     else:
         # Zeroed here, not lazily by calloc, so the threads do not take the first-touch
         # page faults of the same pages together mid-loop.
-        grad_value = np.empty(value.shape, dtype=value.dtype)
+        grad_value = _aligned_empty(value.shape, value.dtype)
         grad_value.fill(0)
-        extra = np.zeros(((K - 1) * N * S * M * D) or 1, dtype=value.dtype)
+        extra = _aligned_empty(((K - 1) * N * S * M * D) or 1, value.dtype)
+        extra.fill(0)
     # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
     scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
     if value.dtype == np.float32:

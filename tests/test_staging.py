@@ -100,3 +100,44 @@ def test_staging_is_chosen_for_spread_encoder_calls_only():
 def test_set_huge_pages_refuses_other_values():
     with pytest.raises(ValueError, match="True, False or None"):
         cydeform.set_huge_pages("yes")
+
+
+def at_offset(a, offset):
+    """A copy of ``a`` starting ``offset`` bytes after a 4 KiB boundary."""
+    raw = np.empty(a.nbytes + 8192, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 4096 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("huge_pages", [False, None])
+def test_a_misaligned_value_is_copied_to_an_aligned_buffer_with_the_same_bits(huge_pages):
+    # Local locations: not spread out, so only the alignment decides.
+    value, shapes, starts, loc, attn = make_problem(1, 8192, "local", np.float32, levels=LEVELS)
+    assert _staging.worth_aligning(16, 128, value.nbytes, 4 * attn.size)
+    assert not _staging.worth_aligning(64, 128, value.nbytes, 4 * attn.size)
+    assert not _staging.worth_aligning(16, 128, value.nbytes, value.nbytes // 64)  # few gathers
+    from cydeform import _cpu
+
+    cydeform.set_huge_pages(huge_pages)
+    try:
+        results = []
+        for offset in (16, 0):
+            v = at_offset(value, offset)
+            staged, huge = _cpu._stage(v, shapes, starts, loc, attn)
+            assert not huge
+            assert (staged is not None) == (offset == 16)
+            if staged is not None:
+                assert staged.ctypes.data % 64 == 0 and np.array_equal(staged, value)
+            results.append(run((v, shapes, starts, loc, attn)))
+    finally:
+        cydeform.set_huge_pages(None)
+    for a, b in zip(*results):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_outputs_start_on_a_cache_line():
+    value, shapes, starts, loc, attn = make_problem(1, 300, "uniform", np.float32, levels=LEVELS)
+    out, grad_value, _, _ = run((at_offset(value, 16), shapes, starts, loc, attn))
+    assert out.ctypes.data % 64 == 0 and grad_value.ctypes.data % 64 == 0

@@ -100,8 +100,8 @@ def run_cpu(args):
                 Lq_ = loc.shape[1]
                 grad = np.random.default_rng(1).standard_normal((1, Lq_, M * D)).astype(dtype)
                 rows = None if args.no_floor else floor.corner_rows(value.shape, shapes, starts, loc)
-                # The floor gathers from the pages the op gathers from: huge pages when it stages.
-                staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)
+                # The floor gathers from the buffer the op gathers from: its staging copy if any.
+                staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)[0]
                 floor_value = value if staged is None else staged
                 for threads in args.threads:
                     cydeform.set_num_threads(threads)
