@@ -582,56 +582,59 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                            const int64_t* starts, const floating* loc, const floating* attn,
                            floating* grad_value, floating* grad_loc, floating* grad_attn,
                            const floating* zeros, int64_t* keys, floating* weights, int64_t* block_first,
-                           int64_t* cursor, int64_t* sorted_key, int64_t* sorted_src, floating* sorted_w, Py_ssize_t N,
-                           Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
-                           Py_ssize_t P) noexcept nogil:
+                           int64_t* cursor, int64_t* sorted_key, int64_t* sorted_src, floating* sorted_w,
+                           int threads, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
+                           Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     """Work arrays: keys, weights, sorted_key, sorted_src, sorted_w of 4 N Lq M L P slots;
-    block_first of B + 1 and cursor of B entries, B = sparse_blocks(N S M, D, itemsize).
-    grad_value need not be zeroed."""
+    block_first of B + 1 and cursor of ``threads`` x B entries, B = sparse_blocks(N S M, D,
+    itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef int shift = _sparse_block_shift(D, sizeof(floating))
     cdef Py_ssize_t B = (NB + (1 << shift) - 1) >> shift
-    cdef Py_ssize_t r, n, m, t, j, e, key, blk, b, lo, hi, pos, row_lo, row_hi
-    cdef int threads = _threads(N * Lq * M * L * P * D)
-    # 1. Per row: gradients of the locations and weights, and the slots.
-    for r in prange(R, schedule="static", num_threads=threads):
-        n = r // (Lq * M)
-        m = r % M
-        _sparse_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D, M,
-                    n * S * M + m, grad_out + r * D, loc + r * LP * 2, attn + r * LP,
-                    grad_loc + r * LP * 2, grad_attn + r * LP, keys + r * LP * 4, weights + r * LP * 4)
-    # 2a. Slots per block, into block_first[blk + 1]; thread t counts its blocks' slots.
-    block_first[0] = 0
+    cdef Py_ssize_t r, n, m, t, j, e, key, blk, lo, hi, pos, row_lo, row_hi, count
+    cdef int64_t* mine
+    # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: gradients of the locations and
+    #    weights, the slots, and in cursor[t B + blk] how many of its slots fall in blk.
     for t in prange(threads, schedule="static", num_threads=threads):
-        lo = t * B // threads
-        hi = (t + 1) * B // threads
-        for blk in range(lo, hi):
-            block_first[blk + 1] = 0
-        for e in range(R * LP * 4):
-            blk = keys[e] >> shift  # -1 >> shift is -1: no block
-            if blk >= lo and blk < hi:
-                block_first[blk + 1] += 1
+        mine = cursor + t * B
+        memset(mine, 0, B * sizeof(int64_t))
+        for r in range(t * R // threads, (t + 1) * R // threads):
+            n = r // (Lq * M)
+            m = r % M
+            _sparse_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D, M,
+                        n * S * M + m, grad_out + r * D, loc + r * LP * 2, attn + r * LP,
+                        grad_loc + r * LP * 2, grad_attn + r * LP, keys + r * LP * 4, weights + r * LP * 4)
+            for j in range(LP * 4):
+                key = keys[r * LP * 4 + j]
+                if key >= 0:
+                    mine[key >> shift] += 1
+    # Where each thread's slots of each block go: blocks in order, within a block the
+    # threads in order, so a block's slots end up in slot order whatever T is.
+    pos = 0
     for blk in range(B):
-        block_first[blk + 1] += block_first[blk]
-    # 2b and 3. Thread t: its blocks' slots in slot order, then block by block, the
-    # rows zeroed and the slots added.
+        block_first[blk] = pos
+        for t in range(threads):
+            count = cursor[t * B + blk]
+            cursor[t * B + blk] = pos
+            pos += count
+    block_first[B] = pos
+    # 2. Thread t places its own rows' slots.
     for t in prange(threads, schedule="static", num_threads=threads):
-        lo = t * B // threads
-        hi = (t + 1) * B // threads
-        for blk in range(lo, hi):
-            cursor[blk] = block_first[blk]
-        for r in range(R):
+        mine = cursor + t * B
+        for r in range(t * R // threads, (t + 1) * R // threads):
             for j in range(LP * 4):
                 e = r * LP * 4 + j
                 key = keys[e]
-                blk = key >> shift
-                if blk >= lo and blk < hi:
-                    pos = cursor[blk]
-                    cursor[blk] = pos + 1
+                if key >= 0:
+                    blk = key >> shift
+                    pos = mine[blk]
+                    mine[blk] = pos + 1
                     sorted_key[pos] = key
                     sorted_src[pos] = r
                     sorted_w[pos] = weights[e]
-        for blk in range(lo, hi):
+    # 3. Thread t, blocks [t B / T, (t + 1) B / T): each block zeroed, then its slots added.
+    for t in prange(threads, schedule="static", num_threads=threads):
+        for blk in range(t * B // threads, (t + 1) * B // threads):
             row_lo = blk << shift
             row_hi = min(NB, (blk + 1) << shift)
             memset(grad_value + row_lo * D, 0, (row_hi - row_lo) * D * sizeof(floating))
@@ -640,7 +643,6 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                     cyd_axpy_f(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
                 else:
                     cyd_axpy_d(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
-
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
              sampling_locations, attention_weights, buffers=None, method=None):
@@ -673,18 +675,19 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
         sorted_src = np.empty(slots, dtype=np.int64)
         weights = np.empty(slots, dtype=value.dtype)
         sorted_w = np.empty(slots, dtype=value.dtype)
+        threads = _threads(N * Lq * M * L * P * D)
         block_first = np.empty(blocks + 1, dtype=np.int64)
-        cursor = np.empty(blocks, dtype=np.int64)
+        cursor = np.empty(threads * blocks, dtype=np.int64)
         if value.dtype == np.float32:
             _backward_sparse_typed[float](grad_output, value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights, grad_value, grad_loc,
                                           grad_attn, zeros, keys, weights, block_first, cursor, sorted_key,
-                                          sorted_src, sorted_w)
+                                          sorted_src, sorted_w, threads)
         else:
             _backward_sparse_typed[double](grad_output, value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights, grad_value, grad_loc,
                                            grad_attn, zeros, keys, weights, block_first, cursor, sorted_key,
-                                           sorted_src, sorted_w)
+                                           sorted_src, sorted_w, threads)
         return grad_value, grad_loc, grad_attn
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     staged = buffers(K) if buffers is not None else None
@@ -731,7 +734,7 @@ cdef _backward_sparse_typed(const floating[:, :, ::1] grad_out, const floating[:
                             floating[:, :, :, :, ::1] grad_attn, const floating[::1] zeros,
                             int64_t[::1] keys, floating[::1] weights, int64_t[::1] block_first,
                             int64_t[::1] cursor, int64_t[::1] sorted_key, int64_t[::1] sorted_src,
-                            floating[::1] sorted_w):
+                            floating[::1] sorted_w, int threads):
     cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
     cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
     with nogil:
@@ -739,7 +742,7 @@ cdef _backward_sparse_typed(const floating[:, :, ::1] grad_out, const floating[:
                          &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0],
                          &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0], &keys[0],
                          &weights[0], &block_first[0], &cursor[0], &sorted_key[0], &sorted_src[0],
-                         &sorted_w[0], N, S, M, D, Lq, L, P)
+                         &sorted_w[0], threads, N, S, M, D, Lq, L, P)
 
 
 # --------------------------------------------------------------------------- measured floor
@@ -927,14 +930,15 @@ cdef int _c_backward_sparse(const floating* grad_out, const floating* value, con
     cdef floating* weights = <floating*>malloc(slots * sizeof(floating))
     cdef floating* sorted_w = <floating*>malloc(slots * sizeof(floating))
     cdef int64_t* block_first = <int64_t*>malloc((blocks + 1) * sizeof(int64_t))
-    cdef int64_t* cursor = <int64_t*>malloc(blocks * sizeof(int64_t))
+    cdef int threads = _threads(N * Lq * M * L * P * D)
+    cdef int64_t* cursor = <int64_t*>malloc(threads * blocks * sizeof(int64_t))
     cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
     cdef int status = 1
     if (keys != NULL and sorted_key != NULL and sorted_src != NULL and weights != NULL
             and sorted_w != NULL and block_first != NULL and cursor != NULL and zeros != NULL):
         _backward_sparse(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
                          zeros, keys, weights, block_first, cursor, sorted_key, sorted_src, sorted_w,
-                         N, S, M, D, Lq, L, P)
+                         threads, N, S, M, D, Lq, L, P)
         status = 0
     free(keys)
     free(sorted_key)
