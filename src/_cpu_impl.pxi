@@ -493,8 +493,10 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 #    grad_loc and grad_attn; each corner's grad_value row ("key", -1 outside the map)
 #    and weight A w_c go to a fixed slot; slot order is (n, q, m, l, p, corner);
 # 2. the slots bucketed, stably, by block of grad_value rows (_SPARSE_BLOCK_BYTES of
-#    grad_value each, so a block stays in L2), one range of blocks per thread;
-# 3. per block: its rows zeroed, then its slots added in slot order.
+#    grad_value each, so a block stays in L2): each thread counts (during 1) and places
+#    the slots of its own rows, blocks filled thread after thread;
+# 3. per block, one range of blocks per thread: its rows zeroed, then its slots added
+#    in slot order.
 # So grad_value is written once by the thread that owns the block, with its scatters
 # in cache; there is no separate zeroing pass. A grad_value element is summed over q
 # ascending, then l, p, exactly as in the dense backward with one query chunk: both
