@@ -158,15 +158,24 @@ def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat):
         out = fwd(v, shp, lo, a)
         torch.autograd.grad(out, (v, lo, a), g)
 
-    t_f = median_time(forward, max(3, repeat // 3))
-    # The backward pass alone: autograd's time minus a forward with graph recording.
-    t_fb = median_time(backward, max(3, repeat // 3))
-
     def forward_graph():
         fwd(v, shp, lo, a)
 
-    t_fg = median_time(forward_graph, max(3, repeat // 3))
-    return t_f, max(t_fb - t_fg, 1e-9)
+    # The backward pass alone: autograd's time minus a forward with graph recording,
+    # paired within a round (the three run back to back) so that the machine's drift
+    # between rounds cancels; medians over the rounds.
+    for fn in (forward, backward, forward_graph):
+        fn()  # warm-up
+    t_f, t_b = [], []
+    for _ in range(max(3, repeat // 3)):
+        times = []
+        for fn in (forward, backward, forward_graph):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        t_f.append(times[0])
+        t_b.append(times[1] - times[2])
+    return statistics.median(t_f), max(statistics.median(t_b), 1e-9)
 
 
 def main(argv=None):
