@@ -60,8 +60,8 @@ def _stage(value, spatial_shapes, level_start_index, sampling_locations, attenti
                 return staged, True
     if _staging.worth_aligning(value.ctypes.data, value.shape[-1] * value.itemsize, value.nbytes, gathers):
         # Only the alignment pays: the buffer with huge pages where they are enabled
-        # (they do not hurt), else a plain one.
-        staged = _staging.staged_copy(value, huge=_staging.huge_pages_enabled())
+        # (they do not hurt), else (or if the kernel gave none) a plain one.
+        staged = _staging.staged_copy(value, huge=True) if huge else None
         if staged is None:
             staged = _staging.staged_copy(value, huge=False)
         return staged, False

@@ -286,8 +286,7 @@ cdef inline void _backward_block(Py_ssize_t D,
                                  const floating* g, const int64_t* geo_k, const int* inside, const double* geo,
                                  const floating** v, floating** gv, Py_ssize_t npts,
                                  floating* grad_loc, floating* grad_attn, floating* weights) noexcept nogil:
-    """Backward of ``npts`` in-map samples whose geometry _backward_row (or _sparse_row)
-    gathered.
+    """Backward of ``npts`` in-map samples whose geometry _backward_row gathered.
 
     Sample j is point geo_k[j] of the row; geo[5j:5j+5] = (lx, ly, A, W, H); bit c of
     inside[j] says corner c is in the map. Its corner rows are v[4j:4j+4] (value) and,
@@ -304,9 +303,6 @@ cdef inline void _backward_block(Py_ssize_t D,
     cdef floating aw[4]
     cdef floating lanes[4 * _LANES * _BLOCK]
     for j in range(npts):
-        lx = geo[5 * j]
-        ly = geo[5 * j + 1]
-        a = geo[5 * j + 2]
         if gv == NULL:
             if floating is float:
                 cyd_sample_dots_f(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], D,
@@ -315,6 +311,9 @@ cdef inline void _backward_block(Py_ssize_t D,
                 cyd_sample_dots_d(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], D,
                                   lanes + 4 * _LANES * j)
             continue
+        lx = geo[5 * j]
+        ly = geo[5 * j + 1]
+        a = geo[5 * j + 2]
         w[0] = (1.0 - ly) * (1.0 - lx)
         w[1] = (1.0 - ly) * lx
         w[2] = ly * (1.0 - lx)
@@ -356,13 +355,19 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
                                floating* scratch, int64_t row_stride, const int64_t* shapes,
                                const int64_t* starts, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
                                const floating* g, const floating* loc, const floating* attn,
-                               floating* grad_loc, floating* grad_attn) noexcept nogil:
-    """Gradients of one (n, q, m) row; accumulates into grad_value_nm (owned by the caller's task).
+                               floating* grad_loc, floating* grad_attn, Py_ssize_t M, int64_t key_nm,
+                               int64_t* keys, floating* weights) noexcept nogil:
+    """Gradients of one (n, q, m) row.
 
-    ``scratch`` is 4 rows of D owned by the task: corners outside the map scatter there
-    (weight 0), so the inner loop needs no branch. The row's samples are handled in
-    blocks: first their geometry, with a prefetch of every corner row (so the misses
-    overlap), then the channel loops.
+    Dense (``grad_value_nm`` given): accumulates into grad_value_nm (owned by the
+    caller's task); ``scratch`` is 4 rows of D owned by the task, where corners outside
+    the map scatter (weight 0), so the inner loop needs no branch.
+    Sparse (``grad_value_nm`` NULL, _backward_sparse's phase 1): scatters nothing and
+    fills the row's 4 L P slots instead: keys[4k + c], the grad_value row (in units of
+    D) of corner c of point k, or -1; weights[4k + c], its weight. ``key_nm`` is the key
+    of position 0, n S M + m.
+    The row's samples are handled in blocks: first their geometry, with a prefetch of
+    every corner row (so the misses overlap), then the channel loops.
     """
     cdef Py_ssize_t l, p, c, k
     cdef int64_t idx[4]
@@ -373,6 +378,7 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
     cdef int inside[_BLOCK]
     cdef const floating* v[4 * _BLOCK]
     cdef floating* gv[4 * _BLOCK]
+    cdef floating** gv_or_null = gv if grad_value_nm != NULL else NULL
     cdef Py_ssize_t npts = 0
     for l in range(L):
         for p in range(P):
@@ -383,6 +389,9 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
                 grad_attn[k] = NAN if status < 0 else 0
                 grad_loc[2 * k] = grad_attn[k]
                 grad_loc[2 * k + 1] = grad_attn[k]
+                if grad_value_nm == NULL:
+                    for c in range(4):
+                        keys[4 * k + c] = -1
                 continue
             geo_k[npts] = k
             geo[5 * npts] = lx
@@ -395,18 +404,24 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
                 if idx[c] >= 0:
                     inside[npts] |= 1 << c
                     v[4 * npts + c] = value_nm + (starts[l] + idx[c]) * row_stride
-                    gv[4 * npts + c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
                     cyd_prefetch_row(v[4 * npts + c])
-                    cyd_prefetch_row(gv[4 * npts + c])
+                    if grad_value_nm != NULL:
+                        gv[4 * npts + c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
+                        cyd_prefetch_row(gv[4 * npts + c])
+                    else:
+                        keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M
                 else:
                     v[4 * npts + c] = zeros
-                    gv[4 * npts + c] = scratch + c * D
+                    if grad_value_nm != NULL:
+                        gv[4 * npts + c] = scratch + c * D
+                    else:
+                        keys[4 * k + c] = -1
             npts += 1
             if npts == _BLOCK:
-                _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn, NULL)
+                _backward_block(D, g, geo_k, inside, geo, v, gv_or_null, npts, grad_loc, grad_attn, weights)
                 npts = 0
     if npts > 0:
-        _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn, NULL)
+        _backward_block(D, g, geo_k, inside, geo, v, gv_or_null, npts, grad_loc, grad_attn, weights)
 
 
 # Query chunks of the backward, per image: each chunk scatters into its own grad_value
@@ -477,7 +492,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
                 _backward_row(value + n * S * M * D + m * D, gv + m * D, zeros,
                               scratch + t * 4 * D, M * D, shapes, starts, L, P, D, grad_out + r * D,
                               loc + r * L * P * 2, attn + r * L * P,
-                              grad_loc + r * L * P * 2, grad_attn + r * L * P)
+                              grad_loc + r * L * P * 2, grad_attn + r * L * P, M, 0, NULL, NULL)
     if K > 1:
         # grad_value = chunk 0 + chunk 1 + ... in this order, element by element.
         for i in prange(size, schedule="static", num_threads=threads):
@@ -514,10 +529,14 @@ cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept 
     return shift
 
 
-def sparse_blocks(Py_ssize_t rows, Py_ssize_t D, Py_ssize_t itemsize):
-    """Internal: blocks of the sparse backward for ``rows`` = N S M grad_value rows."""
+cdef inline Py_ssize_t _sparse_blocks(Py_ssize_t rows, Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
     cdef int shift = _sparse_block_shift(D, itemsize)
     return (rows + (1 << shift) - 1) >> shift
+
+
+def sparse_blocks(Py_ssize_t rows, Py_ssize_t D, Py_ssize_t itemsize):
+    """Internal: blocks of the sparse backward for ``rows`` = N S M grad_value rows."""
+    return _sparse_blocks(rows, D, itemsize)
 
 
 cdef inline bint _sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
@@ -529,55 +548,6 @@ cdef inline bint _sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_s
 def sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):
     """Internal: whether backward() picks the sparse method for this image shape."""
     return _sparse_applies(S, Lq, L, P)
-
-
-cdef inline void _sparse_row(const floating* value_nm, const floating* zeros, int64_t row_stride,
-                             const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
-                             Py_ssize_t D, Py_ssize_t M, int64_t key_nm, const floating* g,
-                             const floating* loc, const floating* attn, floating* grad_loc,
-                             floating* grad_attn, int64_t* keys, floating* weights) noexcept nogil:
-    """Phase 1 for one (n, q, m) row: grad_loc, grad_attn and the row's 4 L P slots:
-    keys[4k + c], the grad_value row (in units of D) of corner c of point k, or -1;
-    weights[4k + c], its weight. ``key_nm`` is the key of position 0, n S M + m."""
-    cdef Py_ssize_t l, p, c, k
-    cdef int64_t idx[4]
-    cdef double lx, ly
-    cdef int status
-    cdef int64_t geo_k[_BLOCK]
-    cdef double geo[5 * _BLOCK]
-    cdef const floating* v[4 * _BLOCK]
-    cdef Py_ssize_t npts = 0
-    for l in range(L):
-        for p in range(P):
-            k = l * P + p
-            status = _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
-            if status <= 0:
-                grad_attn[k] = NAN if status < 0 else 0
-                grad_loc[2 * k] = grad_attn[k]
-                grad_loc[2 * k + 1] = grad_attn[k]
-                for c in range(4):
-                    keys[4 * k + c] = -1
-                continue
-            geo_k[npts] = k
-            geo[5 * npts] = lx
-            geo[5 * npts + 1] = ly
-            geo[5 * npts + 2] = attn[k]
-            geo[5 * npts + 3] = <double>shapes[2 * l + 1]
-            geo[5 * npts + 4] = <double>shapes[2 * l]
-            for c in range(4):
-                if idx[c] >= 0:
-                    keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M
-                    v[4 * npts + c] = value_nm + (starts[l] + idx[c]) * row_stride
-                    cyd_prefetch_row(v[4 * npts + c])
-                else:
-                    keys[4 * k + c] = -1
-                    v[4 * npts + c] = zeros
-            npts += 1
-            if npts == _BLOCK:
-                _backward_block(D, g, geo_k, NULL, geo, v, NULL, npts, grad_loc, grad_attn, weights)
-                npts = 0
-    if npts > 0:
-        _backward_block(D, g, geo_k, NULL, geo, v, NULL, npts, grad_loc, grad_attn, weights)
 
 
 cdef void _backward_sparse(const floating* grad_out, const floating* value, const int64_t* shapes,
@@ -592,7 +562,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef int shift = _sparse_block_shift(D, sizeof(floating))
-    cdef Py_ssize_t B = (NB + (1 << shift) - 1) >> shift
+    cdef Py_ssize_t B = _sparse_blocks(NB, D, sizeof(floating))
     cdef Py_ssize_t r, n, m, t, j, e, key, blk, lo, hi, pos, row_lo, row_hi, count
     cdef int64_t* mine
     # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: gradients of the locations and
@@ -603,9 +573,9 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
         for r in range(t * R // threads, (t + 1) * R // threads):
             n = r // (Lq * M)
             m = r % M
-            _sparse_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D, M,
-                        n * S * M + m, grad_out + r * D, loc + r * LP * 2, attn + r * LP,
-                        grad_loc + r * LP * 2, grad_attn + r * LP, keys + r * LP * 4, weights + r * LP * 4)
+            _backward_row(value + n * S * M * D + m * D, NULL, zeros, NULL, M * D, shapes, starts, L, P, D,
+                          grad_out + r * D, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
+                          grad_attn + r * LP, M, n * S * M + m, keys + r * LP * 4, weights + r * LP * 4)
             for j in range(LP * 4):
                 key = keys[r * LP * 4 + j]
                 if key >= 0:
@@ -924,8 +894,7 @@ cdef int _c_backward_sparse(const floating* grad_out, const floating* value, con
                             int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
     # The work arrays of backward()'s sparse method.
     cdef int64_t slots = 4 * N * Lq * M * L * P
-    cdef int shift = _sparse_block_shift(D, sizeof(floating))
-    cdef int64_t blocks = (N * S * M + (1 << shift) - 1) >> shift
+    cdef int64_t blocks = _sparse_blocks(N * S * M, D, sizeof(floating))
     cdef int64_t* keys = <int64_t*>malloc(slots * sizeof(int64_t))
     cdef int64_t* sorted_key = <int64_t*>malloc(slots * sizeof(int64_t))
     cdef int64_t* sorted_src = <int64_t*>malloc(slots * sizeof(int64_t))

@@ -7,9 +7,10 @@ importable, times the grid_sample reference at the same thread count and prints 
 ratio. PyTorch is never a dependency. The calls and location distributions are those of
 ``cydeform.bench.problems``. Each row also shows the measured floor of the same call
 (``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters,
-or for a backward that goes sparse one write of grad_value, without geometry or arithmetic, from the same pages: huge pages when the op stages
-value, cydeform._staging) and cydeform's time as a multiple of it; the header
-gives the machine's copy bandwidth. ``--no-floor`` skips them.
+or for a backward that goes sparse one write of grad_value, without geometry or
+arithmetic, from the buffer the op gathers from: its staging copy when it stages value,
+cydeform._staging) and cydeform's time as a multiple of it; the header gives the
+machine's copy bandwidth. ``--no-floor`` skips them.
 """
 from __future__ import annotations
 
