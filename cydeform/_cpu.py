@@ -68,8 +68,23 @@ def _stage(value, spatial_shapes, level_start_index, sampling_locations, attenti
     return None, False
 
 
+def _by_head(value, sampling_locations):
+    """Whether the op works on its own head-major copy of value (src/_cpu_impl.pxi):
+    then no staging copy of value is needed, only a work buffer kept between calls."""
+    _, S, _, _ = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    return _impl.by_head(S, Lq, L, P)
+
+
+def _work(value):
+    return lambda n: _staging.work_buffer(n, value.dtype)
+
+
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The op on validated C-contiguous arrays (see src/_cpu_impl.pxi)."""
+    if _by_head(value, sampling_locations):
+        return _impl.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                             work=_work(value))
     staged, _ = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _impl.forward(value if staged is None else staged, spatial_shapes, level_start_index,
                          sampling_locations, attention_weights)
@@ -77,6 +92,9 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Gradients on validated C-contiguous arrays; grad_value is never a staging buffer."""
+    if _by_head(value, sampling_locations):  # never a call the sparse method takes
+        return _impl.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, work=_work(value))
     staged, huge = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if not huge:
         return _impl.backward(grad_output, value if staged is None else staged, spatial_shapes,

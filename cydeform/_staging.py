@@ -190,8 +190,21 @@ def _buffer(slot):
     if buffers is None:
         buffers = _local.buffers = {}
     if slot not in buffers:
-        buffers[slot] = _Buffer(huge=slot != "aligned")
+        buffers[slot] = _Buffer(huge=slot not in ("aligned", "work-plain"))
     return buffers[slot]
+
+
+def work_buffer(n, dtype):
+    """n elements of ``dtype`` (contents undefined) in this thread's 'work' buffer: huge
+    pages where enabled and available, else plain pages; kept for the next call, so an
+    encoder-sized call does not pay tens of thousands of page faults each time. For the
+    CPU backend's head-major copies (src/_cpu_impl.pxi); valid until this thread's next call.
+    """
+    dtype = np.dtype(dtype)
+    raw = _buffer("work").get(n * dtype.itemsize) if huge_pages_enabled() else None
+    if raw is None:
+        raw = _buffer("work-plain").get(n * dtype.itemsize)
+    return raw.view(dtype)
 
 
 def staged_copy(a, huge=True):

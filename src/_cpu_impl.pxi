@@ -19,11 +19,11 @@
 
 import numpy as np
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport floor, isfinite, NAN
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 def _aligned_empty(shape, dtype):
     """np.empty, but starting on a 64-byte cache line: NumPy's big arrays start 16 bytes
@@ -179,6 +179,9 @@ cdef inline int _corners(double loc_x, double loc_y, int64_t H, int64_t W,
 cdef enum:
     _BLOCK = 64
     _LANES = 8  # CYD_LANES of msda_inner.h
+    _BY_HEAD_SAMPLES = 4  # _by_head's threshold, samples per value position and head
+    _LAYOUT_BLOCK = 64  # positions per task of the layout copies
+    _QUERY_BLOCK = 32  # queries per task of the head-major forward
 
 
 cdef inline void _accumulate(floating* out, const floating** ptr, const floating* w, Py_ssize_t npts,
@@ -250,31 +253,174 @@ cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* 
                      loc + r * L * P * 2, attn + r * L * P, out + r * D)
 
 
+cdef void _forward_heads(const floating* value, const int64_t* shapes, const int64_t* starts,
+                         const floating* loc, const floating* attn, floating* out, const floating* zeros,
+                         floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
+                         Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, int threads) noexcept nogil:
+    """The forward on head-major value (N, M, S, D): tasks (n, m, block of _QUERY_BLOCK
+    queries) on ``threads`` threads. A head's rows are 1 in M of the per-row arrays, so a
+    task first copies its rows' inputs into its thread's ``scratch`` (sized by
+    _heads_scratch_size for ``threads``) in one loop of independent loads, runs the rows
+    there and copies the outputs out at the end."""
+    cdef Py_ssize_t LP = L * P, per = _QUERY_BLOCK * (3 * LP + D)
+    cdef Py_ssize_t blocks = (Lq + _QUERY_BLOCK - 1) // _QUERY_BLOCK
+    cdef Py_ssize_t t, n, m, q, q_lo, q_hi, r, j
+    cdef floating* b_loc
+    cdef floating* b_attn
+    cdef floating* b_out
+    for t in prange(N * M * blocks, schedule="static", num_threads=threads):
+        n = t // (M * blocks)
+        m = (t // blocks) % M
+        q_lo = (t % blocks) * _QUERY_BLOCK
+        q_hi = min(Lq, q_lo + _QUERY_BLOCK)
+        b_loc = scratch + threadid() * per
+        b_attn = b_loc + _QUERY_BLOCK * 2 * LP
+        b_out = b_attn + _QUERY_BLOCK * LP
+        for q in range(q_lo, q_hi):
+            r = (n * Lq + q) * M + m
+            j = q - q_lo
+            memcpy(b_loc + j * 2 * LP, loc + r * 2 * LP, 2 * LP * sizeof(floating))
+            memcpy(b_attn + j * LP, attn + r * LP, LP * sizeof(floating))
+        for q in range(q_lo, q_hi):
+            j = q - q_lo
+            _forward_row(value + (n * M + m) * S * D, zeros, D, shapes, starts, L, P, D,
+                         b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
+        for q in range(q_lo, q_hi):
+            memcpy(out + ((n * Lq + q) * M + m) * D, b_out + (q - q_lo) * D, D * sizeof(floating))
+
+
+cdef inline Py_ssize_t _heads_scratch_size(int threads, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D) noexcept nogil:
+    return threads * _QUERY_BLOCK * (3 * L * P + D)
+
+
+# ------------------------------------------------------------------ head-major layout
+# With value as the caller gives it, (N, S, M, D), one head's rows are 128 bytes in
+# every M*D*itemsize: a thread gathering for one head touches pages (TLB entries) and
+# cache sets of all of value, and the two corners (x0, x0+1) are M rows apart. With
+# many samples per value position (the encoder call: 16), the op first copies value
+# into the head-major layout (N, M, S, D) and works head by head: a thread's working
+# set is one head's contiguous slab (2.8 MB of the encoder call's 22.7 MB; the
+# backward's grad_value slab as much again), and x0, x0+1 are adjacent rows.
+# Measured (benchmarks/cpu_log.md, 13): the encoder backward 2-2.5x faster with
+# uniform locations. The arithmetic and its order per output element are unchanged:
+# both layouts give the same bits.
+
+cdef inline bint _by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+    # Samples per value position and head, in one image (never the thread count or the
+    # batch size): enough to earn the copies.
+    return Lq * L * P >= _BY_HEAD_SAMPLES * S
+
+
+def by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):
+    """Internal: whether forward() and the dense backward() use the head-major layout."""
+    return _by_head(S, Lq, L, P)
+
+
+cdef void _to_heads(const floating* src, floating* dst, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M,
+                    Py_ssize_t D, int threads) noexcept nogil:
+    """dst (N, M, S, D) = src (N, S, M, D), in blocks of positions (M write streams each)."""
+    cdef Py_ssize_t b, n, s, s_lo, s_hi, m, d
+    cdef Py_ssize_t blocks = (S + _LAYOUT_BLOCK - 1) // _LAYOUT_BLOCK
+    cdef const floating* a
+    cdef floating* o
+    for b in prange(N * blocks, schedule="static", num_threads=threads):
+        n = b // blocks
+        s_lo = (b % blocks) * _LAYOUT_BLOCK
+        s_hi = min(S, s_lo + _LAYOUT_BLOCK)
+        for s in range(s_lo, s_hi):
+            for m in range(M):
+                a = src + ((n * S + s) * M + m) * D
+                o = dst + ((n * M + m) * S + s) * D
+                for d in range(D):
+                    o[d] = a[d]
+
+
+cdef void _from_heads(const floating* chunks, Py_ssize_t K, floating* dst, Py_ssize_t N, Py_ssize_t S,
+                      Py_ssize_t M, Py_ssize_t D, int threads) noexcept nogil:
+    """dst (N, S, M, D) = chunk 0 + chunk 1 + ... (in this order) of the K head-major
+    buffers (K, N, M, S, D): the dense backward's query-chunk sum and layout change in one pass."""
+    cdef Py_ssize_t b, n, s, s_lo, s_hi, m, d, c
+    cdef Py_ssize_t blocks = (S + _LAYOUT_BLOCK - 1) // _LAYOUT_BLOCK
+    cdef Py_ssize_t size = N * M * S * D
+    cdef const floating* a
+    cdef floating* o
+    cdef floating acc
+    for b in prange(N * blocks, schedule="static", num_threads=threads):
+        n = b // blocks
+        s_lo = (b % blocks) * _LAYOUT_BLOCK
+        s_hi = min(S, s_lo + _LAYOUT_BLOCK)
+        for s in range(s_lo, s_hi):
+            for m in range(M):
+                a = chunks + ((n * M + m) * S + s) * D
+                o = dst + ((n * S + s) * M + m) * D
+                for d in range(D):
+                    acc = a[d]
+                    for c in range(1, K):
+                        acc = acc + a[c * size + d]
+                    o[d] = acc
+
+
+def _work_buffer(work, Py_ssize_t n, dtype):
+    if work is None or n == 1:
+        return _aligned_empty(n, dtype)
+    buf = work(n)
+    if buf.ndim != 1 or buf.shape[0] < n or buf.dtype != dtype or not buf.flags.c_contiguous:
+        raise ValueError(f"work({n}) must return a 1-d C-contiguous {np.dtype(dtype).name} array of "
+                         f">= {n} elements")
+    return buf
+
+
+def _use_heads(layout, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):
+    if layout is None:
+        return _by_head(S, Lq, L, P)
+    if layout not in ("heads", "positions"):
+        raise ValueError(f"layout must be 'heads', 'positions' or None; got {layout!r}")
+    return layout == "heads"
+
+
 def forward(value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
-            sampling_locations, attention_weights):
-    """Forward on validated C-contiguous arrays; returns (N, Lq, M*D) of value's dtype."""
+            sampling_locations, attention_weights, layout=None, work=None):
+    """Forward on validated C-contiguous arrays; returns (N, Lq, M*D) of value's dtype.
+
+    ``layout``: 'heads' (work on a head-major copy of value), 'positions' (on value as
+    given) or None: 'heads' where by_head(S, Lq, L, P). Both give the same bits.
+    ``work``: optional callable ``work(n)`` returning a 1-d C-contiguous array of n
+    elements of value's dtype (contents unused) for the head-major copy, such as a
+    buffer kept between calls (cydeform._staging); by default a fresh one.
+    """
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    heads = _use_heads(layout, S, Lq, L, P)
+    # Read once: the scratch below is sized for this many threads (set_num_threads may
+    # be called from another Python thread meanwhile).
+    cdef int threads = _threads(N * Lq * M * L * P * D)
     out = _aligned_empty((N, Lq, M * D), value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
+    # The head-major copy of value, then the scratch rows of _forward_heads.
+    buf = _work_buffer(work, value.size + _heads_scratch_size(threads, L, P, D) if heads else 1, value.dtype)
     if value.dtype == np.float32:
         _forward_typed[float](value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, out, zeros)
+                              attention_weights, out, zeros, buf, heads, threads)
     else:
         _forward_typed[double](value, spatial_shapes, level_start_index, sampling_locations,
-                               attention_weights, out, zeros)
+                               attention_weights, out, zeros, buf, heads, threads)
     return out
 
 
 cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] shapes,
                     const int64_t[::1] starts, const floating[:, :, :, :, :, ::1] loc,
                     const floating[:, :, :, :, ::1] attn, floating[:, :, ::1] out,
-                    const floating[::1] zeros):
+                    const floating[::1] zeros, floating[::1] work, bint heads, int threads):
     cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
     cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
     with nogil:
-        _forward(&value[0, 0, 0, 0], &shapes[0, 0], &starts[0], &loc[0, 0, 0, 0, 0, 0],
-                 &attn[0, 0, 0, 0, 0], &out[0, 0, 0], &zeros[0], N, S, M, D, Lq, L, P)
+        if heads:
+            _to_heads(&value[0, 0, 0, 0], &work[0], N, S, M, D, threads)
+            _forward_heads(&work[0], &shapes[0, 0], &starts[0], &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0],
+                           &out[0, 0, 0], &zeros[0], &work[0] + N * S * M * D, N, S, M, D, Lq, L, P, threads)
+        else:
+            _forward(&value[0, 0, 0, 0], &shapes[0, 0], &starts[0], &loc[0, 0, 0, 0, 0, 0],
+                     &attn[0, 0, 0, 0, 0], &out[0, 0, 0], &zeros[0], N, S, M, D, Lq, L, P)
 
 
 # Backward of one sampling point: four dot products g . V_c give every scalar gradient,
@@ -462,29 +608,85 @@ cdef inline Py_ssize_t _head_groups(Py_ssize_t chunks, Py_ssize_t M, int threads
     return groups
 
 
+cdef inline Py_ssize_t _backward_heads_scratch(Py_ssize_t L, Py_ssize_t P, Py_ssize_t D) noexcept nogil:
+    """Scratch elements per thread of the head-major backward (_backward_head_rows)."""
+    return 4 * D + _QUERY_BLOCK * (6 * L * P + D)
+
+
+cdef inline void _backward_head_rows(const floating* value_m, floating* grad_value_m, const floating* zeros,
+                                     floating* scratch, const int64_t* shapes, const int64_t* starts,
+                                     Py_ssize_t L, Py_ssize_t P, Py_ssize_t D, Py_ssize_t M,
+                                     const floating* g, const floating* loc, const floating* attn,
+                                     floating* grad_loc, floating* grad_attn, Py_ssize_t r0,
+                                     Py_ssize_t count) noexcept nogil:
+    """Rows r0, r0 + M, ..., r0 + (count - 1) M (one head's consecutive queries) of the
+    backward on head-major value_m / grad_value_m (S, D) slabs, in order. As in
+    _forward_heads, their per-row inputs are 1 in M rows apart: copied in blocks of
+    _QUERY_BLOCK rows into ``scratch`` (_backward_heads_scratch), outputs copied out."""
+    cdef Py_ssize_t LP = L * P, jb, j0, j, nb, r
+    cdef floating* b_g = scratch + 4 * D
+    cdef floating* b_loc = b_g + _QUERY_BLOCK * D
+    cdef floating* b_attn = b_loc + _QUERY_BLOCK * 2 * LP
+    cdef floating* b_gloc = b_attn + _QUERY_BLOCK * LP
+    cdef floating* b_gattn = b_gloc + _QUERY_BLOCK * 2 * LP
+    for jb in range((count + _QUERY_BLOCK - 1) // _QUERY_BLOCK):
+        j0 = jb * _QUERY_BLOCK
+        nb = min(_QUERY_BLOCK, count - j0)
+        for j in range(nb):
+            r = r0 + (j0 + j) * M
+            memcpy(b_g + j * D, g + r * D, D * sizeof(floating))
+            memcpy(b_loc + j * 2 * LP, loc + r * 2 * LP, 2 * LP * sizeof(floating))
+            memcpy(b_attn + j * LP, attn + r * LP, LP * sizeof(floating))
+        for j in range(nb):
+            _backward_row(value_m, grad_value_m, zeros, scratch, D, shapes, starts, L, P, D, b_g + j * D,
+                          b_loc + j * 2 * LP, b_attn + j * LP, b_gloc + j * 2 * LP, b_gattn + j * LP,
+                          M, 0, NULL, NULL)
+        for j in range(nb):
+            r = r0 + (j0 + j) * M
+            memcpy(grad_loc + r * 2 * LP, b_gloc + j * 2 * LP, 2 * LP * sizeof(floating))
+            memcpy(grad_attn + r * LP, b_gattn + j * LP, LP * sizeof(floating))
+
+
 cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
                     const int64_t* starts, const floating* loc, const floating* attn,
                     floating* grad_value, floating* extra, Py_ssize_t K, floating* grad_loc,
                     floating* grad_attn, const floating* zeros, floating* scratch, Py_ssize_t N,
                     Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
-                    Py_ssize_t P) noexcept nogil:
-    """``extra`` holds K - 1 more grad_value buffers (N, S, M, D) for query chunks 1..K-1."""
+                    Py_ssize_t P, bint by_head, int threads) noexcept nogil:
+    """Dense backward with K query chunks.
+
+    Without ``by_head``: grad_value (N, S, M, D) zeroed is chunk 0's buffer and
+    ``extra`` holds K - 1 more, zeroed, for chunks 1..K-1.
+    With ``by_head``: value is head-major (N, M, S, D); ``extra`` holds all K chunk
+    buffers, head-major, not zeroed (each task zeroes its own slab first, so its pages
+    are first touched by the thread that works on them); grad_value is only written,
+    at the end; ``scratch`` holds _backward_heads_scratch elements for each of ``threads``.
+    """
     cdef Py_ssize_t t, n, m, q, r, c, m_lo, m_hi, i
     cdef Py_ssize_t size = N * S * M * D
     cdef floating* gv
-    cdef int threads = _threads(N * Lq * M * L * P * D)
     # A task is (n, query chunk c, a contiguous range of heads). It owns
-    # buffer_c[n, :, m_lo:m_hi, :] and walks its queries in order, heads inner, so its
-    # reads of the per-row inputs are contiguous runs. Each buffer element is summed by
-    # one task over q ascending (then l, p, corner): the same order for any grouping of
-    # heads, hence any thread count. As few head groups as keep every thread busy, and
-    # a task count that divides evenly among the threads where M allows.
+    # buffer_c[n, :, m_lo:m_hi, :] and walks its queries in order, heads inner (by_head:
+    # heads outer), so its reads of the per-row inputs are contiguous runs. Each buffer
+    # element is summed by one task over q ascending (then l, p, corner): the same order
+    # for any grouping of heads, hence any thread count, and in either layout. As few
+    # head groups as keep every thread busy, and a task count that divides evenly among
+    # the threads where M allows.
     cdef Py_ssize_t groups = _head_groups(N * K, M, threads)
     for t in prange(N * K * groups, schedule="static", num_threads=threads):
         n = t // (K * groups)
         c = (t // groups) % K
         m_lo = (t % groups) * M // groups
         m_hi = (t % groups + 1) * M // groups
+        if by_head:
+            gv = extra + c * size + n * S * M * D
+            memset(gv + m_lo * S * D, 0, (m_hi - m_lo) * S * D * sizeof(floating))
+            for m in range(m_lo, m_hi):
+                _backward_head_rows(value + (n * M + m) * S * D, gv + m * S * D, zeros,
+                                    scratch + threadid() * _backward_heads_scratch(L, P, D), shapes, starts,
+                                    L, P, D, M, grad_out, loc, attn, grad_loc, grad_attn,
+                                    (n * Lq + c * Lq // K) * M + m, (c + 1) * Lq // K - c * Lq // K)
+            continue
         gv = (grad_value if c == 0 else extra + (c - 1) * size) + n * S * M * D
         for q in range(c * Lq // K, (c + 1) * Lq // K):
             for m in range(m_lo, m_hi):
@@ -493,7 +695,9 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
                               scratch + t * 4 * D, M * D, shapes, starts, L, P, D, grad_out + r * D,
                               loc + r * L * P * 2, attn + r * L * P,
                               grad_loc + r * L * P * 2, grad_attn + r * L * P, M, 0, NULL, NULL)
-    if K > 1:
+    if by_head:
+        _from_heads(extra, K, grad_value, N, S, M, D, threads)
+    elif K > 1:
         # grad_value = chunk 0 + chunk 1 + ... in this order, element by element.
         for i in prange(size, schedule="static", num_threads=threads):
             for c in range(1, K):
@@ -617,7 +821,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                     cyd_axpy_d(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
-             sampling_locations, attention_weights, buffers=None, method=None):
+             sampling_locations, attention_weights, buffers=None, method=None, layout=None, work=None):
     """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn).
 
     ``method``: 'dense' (scatter into zeroed grad_value buffers), 'sparse' (sorted
@@ -626,7 +830,10 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     ``buffers`` (dense only): optional callable ``buffers(K)`` returning a zeroed
     C-contiguous array (K, N, S, M, D) of value's dtype for the K query-chunk grad_value
     buffers (huge-page staging, cydeform._staging), or None; grad_value is then its
-    first buffer.
+    first buffer. Not called with the head-major layout.
+    ``layout`` (dense only): as in forward(); 'heads' uses K head-major chunk buffers
+    and writes grad_value (N, S, M, D) from them at the end. ``work``: as in forward(),
+    for the head-major copy of value and those buffers, (K + 1) value sizes.
     """
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
@@ -662,6 +869,24 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
                                            sorted_src, sorted_w, threads)
         return grad_value, grad_loc, grad_attn
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
+    threads = _threads(N * Lq * M * L * P * D)  # read once: the scratch is sized for it
+    if _use_heads(layout, S, Lq, L, P):
+        # Per thread: 4 rows where corners outside the map scatter, and block buffers.
+        scratch = np.empty((threads, 1, _backward_heads_scratch(L, P, D)), dtype=value.dtype)
+        grad_value = _aligned_empty(value.shape, value.dtype)
+        # The head-major copy of value, then the K chunk buffers (zeroed by the op's tasks).
+        buf = _work_buffer(work, (K + 1) * value.size, value.dtype)
+        if value.dtype == np.float32:
+            _backward_typed[float](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                   attention_weights, grad_value, buf, K, grad_loc, grad_attn, zeros,
+                                   scratch, True, threads)
+        else:
+            _backward_typed[double](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights, grad_value, buf, K, grad_loc, grad_attn, zeros,
+                                    scratch, True, threads)
+        return grad_value, grad_loc, grad_attn
+    # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
+    scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
     staged = buffers(K) if buffers is not None else None
     if staged is not None:
         grad_value = staged[0]
@@ -673,14 +898,14 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
         grad_value.fill(0)
         extra = _aligned_empty(((K - 1) * N * S * M * D) or 1, value.dtype)
         extra.fill(0)
-    # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
-    scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
     if value.dtype == np.float32:
         _backward_typed[float](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                               attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch)
+                               attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch,
+                               False, threads)
     else:
         _backward_typed[double](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch)
+                                attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch,
+                                False, threads)
     return grad_value, grad_loc, grad_attn
 
 
@@ -689,14 +914,22 @@ cdef _backward_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :,
                      const floating[:, :, :, :, :, ::1] loc, const floating[:, :, :, :, ::1] attn,
                      floating[:, :, :, ::1] grad_value, floating[::1] extra, Py_ssize_t K,
                      floating[:, :, :, :, :, ::1] grad_loc, floating[:, :, :, :, ::1] grad_attn,
-                     const floating[::1] zeros, floating[:, :, ::1] scratch):
+                     const floating[::1] zeros, floating[:, :, ::1] scratch, bint heads, int threads):
+    """With ``heads``, ``extra`` is (K + 1) value sizes: the head-major copy of value, then
+    the K chunk buffers (see _backward)."""
     cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
     cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
+    cdef const floating* v = &value[0, 0, 0, 0]
+    cdef floating* buf = &extra[0]
     with nogil:
-        _backward(&grad_out[0, 0, 0], &value[0, 0, 0, 0], &shapes[0, 0], &starts[0],
-                  &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0], &extra[0], K,
+        if heads:
+            _to_heads(v, buf, N, S, M, D, threads)
+            v = buf
+            buf = buf + N * S * M * D
+        _backward(&grad_out[0, 0, 0], v, &shapes[0, 0], &starts[0],
+                  &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0], buf, K,
                   &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
-                  &scratch[0, 0, 0], N, S, M, D, Lq, L, P)
+                  &scratch[0, 0, 0], N, S, M, D, Lq, L, P, heads, threads)
 
 
 cdef _backward_sparse_typed(const floating[:, :, ::1] grad_out, const floating[:, :, :, ::1] value,
@@ -751,21 +984,27 @@ cdef inline void _floor_row(const floating* value, const int64_t* rows, Py_ssize
             b = 0
 
 
-cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t R, Py_ssize_t K,
-                         Py_ssize_t D, const floating* zeros, const floating* ones,
-                         floating* out) noexcept nogil:
-    cdef Py_ssize_t r
-    for r in prange(R, schedule="static", num_threads=_threads(R * K * D // 4)):
+cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t Lq,
+                         Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, const floating* zeros, const floating* ones,
+                         floating* out, bint heads) noexcept nogil:
+    """Rows in the op forward's order: (n, q, m), or with ``heads`` (n, m, q)."""
+    cdef Py_ssize_t t, r
+    for t in prange(N * Lq * M, schedule="static", num_threads=_threads(N * Lq * M * K * D // 4)):
+        r = (((t // (M * Lq)) * Lq + t % Lq) * M + (t // Lq) % M) if heads else t
         _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, NULL)
 
 
-cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t Lq,
-                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, Py_ssize_t QK, const floating* zeros,
-                          const floating* ones, floating* out, floating* grad_value,
-                          floating* extra, Py_ssize_t size) noexcept nogil:
+cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t S,
+                          Py_ssize_t Lq, Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, Py_ssize_t QK,
+                          const floating* zeros, const floating* ones, floating* out, floating* grad_value,
+                          floating* extra, bint heads) noexcept nogil:
     """The op backward's layout: tasks (n, query chunk c of QK, head group), chunk c
-    scattering into its own buffer (grad_value or extra), buffers added at the end."""
+    scattering into its own buffer, buffers added at the end. Without ``heads``,
+    grad_value (zeroed) and extra (QK - 1 zeroed buffers) as in _backward; with
+    ``heads``, the head-major path's: extra holds QK head-major buffers, each task
+    zeroes its slabs and walks heads outer, and the end writes grad_value (_from_heads)."""
     cdef Py_ssize_t t, n, c, m, q, r, i, m_lo, m_hi
+    cdef Py_ssize_t size = N * S * M * D
     cdef int threads = _threads(N * Lq * M * K * D // 4)
     cdef Py_ssize_t groups = _head_groups(N * QK, M, threads)
     cdef floating* gv
@@ -774,32 +1013,49 @@ cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t
         c = (t // groups) % QK
         m_lo = (t % groups) * M // groups
         m_hi = (t % groups + 1) * M // groups
+        if heads:
+            gv = extra + c * size
+            memset(gv + (n * M + m_lo) * S * D, 0, (m_hi - m_lo) * S * D * sizeof(floating))
+            for m in range(m_lo, m_hi):
+                for q in range(c * Lq // QK, (c + 1) * Lq // QK):
+                    r = (n * Lq + q) * M + m
+                    _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, gv)
+            continue
         gv = grad_value if c == 0 else extra + (c - 1) * size
         for q in range(c * Lq // QK, (c + 1) * Lq // QK):
             for m in range(m_lo, m_hi):
                 r = (n * Lq + q) * M + m
                 _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, gv)
-    if QK > 1:
+    if heads:
+        _from_heads(extra, QK, grad_value, N, S, M, D, threads)
+    elif QK > 1:
         for i in prange(size, schedule="static", num_threads=threads):
             for c in range(1, QK):
                 grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
 
 
-def gather_floor(value, const int64_t[:, ::1] rows, backward=False):
+def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False, work=None):
     """Internal (benchmark floor). value (N, S, M, D); ``rows`` (N*Lq*M, K = 4 L P)
     element offsets into value of the corner rows each output row (n, q, m) gathers
     (-1: a corner outside the map). Returns the (N*Lq*M, D) sums; with ``backward``,
     also returns a grad_value shaped like value: for a call the backward does densely,
     every gathered row added into it with the op backward's buffers and task layout;
     for a sparse one (sparse_applies, which needs only L P = K / 4), only written once
-    with zeros in parallel: the sparse method's one pass over it."""
-    N, S, M, D = value.shape
+    with zeros in parallel: the sparse method's one pass over it.
+    ``heads``: value is the op's head-major copy (N, M, S, D) (rows index it:
+    cydeform.bench.floor.corner_rows(heads=True)) and the rows run in the head-major
+    path's order and buffers; ``work`` as in backward(), for its chunk buffers. The
+    copy of value into that layout is not part of the floor."""
+    if heads:
+        N, M, S, D = value.shape
+    else:
+        N, S, M, D = value.shape
     R = rows.shape[0]
     Lq = R // (N * M)
     K = rows.shape[1]
     if backward and sparse_applies(S, Lq, K // 4, 1):
-        out = gather_floor(value, rows)
-        grad = np.empty(value.shape, dtype=value.dtype)
+        out = gather_floor(value, rows, heads=heads)
+        grad = np.empty((N, S, M, D), dtype=value.dtype)
         if value.dtype == np.float32:
             _zero_parallel[float](grad.reshape(-1), R * K * D // 4)
         else:
@@ -809,15 +1065,19 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False):
     zeros = np.zeros(D, dtype=value.dtype)
     ones = np.ones(_BLOCK * 4, dtype=value.dtype)
     QK = query_chunks(S, Lq, K // 4, 1, Lq * M * (K // 4) * D) if backward else 1
-    grad = np.empty(value.shape if backward else 1, dtype=value.dtype)
-    grad.fill(0)
-    extra = np.zeros(((QK - 1) * value.size) or 1, dtype=value.dtype)
+    if heads and backward:
+        grad = _aligned_empty((N, S, M, D), value.dtype)
+        extra = _work_buffer(work, QK * value.size, value.dtype)
+    else:
+        grad = np.empty((N, S, M, D) if backward else 1, dtype=value.dtype)
+        grad.fill(0)
+        extra = np.zeros(((QK - 1) * value.size) or 1, dtype=value.dtype)
     if value.dtype == np.float32:
         _gather_floor_typed[float](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
-                                   N, Lq, M, QK, backward)
+                                   N, S, Lq, M, QK, backward, heads)
     else:
         _gather_floor_typed[double](value.reshape(-1), rows, out, zeros, ones, grad.reshape(-1), extra,
-                                    N, Lq, M, QK, backward)
+                                    N, S, Lq, M, QK, backward, heads)
     return (out, grad) if backward else out
 
 
@@ -833,15 +1093,15 @@ cdef _zero_parallel(floating[::1] a, int64_t work):
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,
                          const floating[::1] zeros, const floating[::1] ones, floating[::1] grad,
-                         floating[::1] extra, Py_ssize_t N, Py_ssize_t Lq, Py_ssize_t M, Py_ssize_t QK,
-                         bint backward):
-    cdef Py_ssize_t R = rows.shape[0], K = rows.shape[1], D = out.shape[1]
+                         floating[::1] extra, Py_ssize_t N, Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t M,
+                         Py_ssize_t QK, bint backward, bint heads):
+    cdef Py_ssize_t K = rows.shape[1], D = out.shape[1]
     with nogil:
         if backward:
-            _floor_backward(&value[0], &rows[0, 0], N, Lq, M, K, D, QK, &zeros[0], &ones[0], &out[0, 0],
-                            &grad[0], &extra[0], value.shape[0])
+            _floor_backward(&value[0], &rows[0, 0], N, S, Lq, M, K, D, QK, &zeros[0], &ones[0], &out[0, 0],
+                            &grad[0], &extra[0], heads)
         else:
-            _floor_forward(&value[0], &rows[0, 0], R, K, D, &zeros[0], &ones[0], &out[0, 0])
+            _floor_forward(&value[0], &rows[0, 0], N, Lq, M, K, D, &zeros[0], &ones[0], &out[0, 0], heads)
 
 
 # C entry points for callers outside Python (cydeform.jax's XLA FFI handler calls them
@@ -853,12 +1113,29 @@ cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, 
 cdef int _c_forward(const floating* value, const int64_t* shapes, const int64_t* starts,
                     const floating* loc, const floating* attn, floating* out, int64_t N, int64_t S,
                     int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    cdef bint heads = _by_head(S, Lq, L, P)
+    cdef int threads = _threads(N * Lq * M * L * P * D)
+    cdef Py_ssize_t size = N * S * M * D
     cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
-    if zeros == NULL:
-        return 1
-    _forward(value, shapes, starts, loc, attn, out, zeros, N, S, M, D, Lq, L, P)
+    cdef void* raw = malloc((size + _heads_scratch_size(threads, L, P, D)) * sizeof(floating) + 64 if heads else 1)
+    cdef floating* work = <floating*>_align64(raw)
+    cdef int status = 1
+    if zeros != NULL and raw != NULL:
+        if heads:
+            _to_heads(value, work, N, S, M, D, threads)
+            _forward_heads(work, shapes, starts, loc, attn, out, zeros, work + size, N, S, M, D, Lq, L, P,
+                           threads)
+        else:
+            _forward(value, shapes, starts, loc, attn, out, zeros, N, S, M, D, Lq, L, P)
+        status = 0
     free(zeros)
-    return 0
+    free(raw)
+    return status
+
+
+cdef inline void* _align64(void* p) noexcept nogil:
+    """The first 64-byte boundary at or after p (p from malloc(n + 64))."""
+    return <void*>(<char*>p + ((64 - <uintptr_t>p % 64) % 64))
 
 
 cdef int _c_backward(const floating* grad_out, const floating* value, const int64_t* shapes,
@@ -871,6 +1148,9 @@ cdef int _c_backward(const floating* grad_out, const floating* value, const int6
     # Per image, as backward() above: an image's gradient has the same bits in any batch.
     cdef Py_ssize_t K = _query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     cdef Py_ssize_t size = N * S * M * D
+    if _by_head(S, Lq, L, P):
+        return _c_backward_heads(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc,
+                                 grad_attn, K, N, S, M, D, Lq, L, P)
     # As backward() above without staging: grad_value zeroed up front, the extra chunk
     # buffers lazily (calloc).
     cdef floating* extra = <floating*>calloc((K - 1) * size if K > 1 else 1, sizeof(floating))
@@ -880,9 +1160,33 @@ cdef int _c_backward(const floating* grad_out, const floating* value, const int6
     if extra != NULL and zeros != NULL and scratch != NULL:
         memset(grad_value, 0, size * sizeof(floating))
         _backward(grad_out, value, shapes, starts, loc, attn, grad_value, extra, K, grad_loc, grad_attn,
-                  zeros, scratch, N, S, M, D, Lq, L, P)
+                  zeros, scratch, N, S, M, D, Lq, L, P, False, _threads(N * Lq * M * L * P * D))
         status = 0
     free(extra)
+    free(zeros)
+    free(scratch)
+    return status
+
+
+cdef int _c_backward_heads(const floating* grad_out, const floating* value, const int64_t* shapes,
+                           const int64_t* starts, const floating* loc, const floating* attn,
+                           floating* grad_value, floating* grad_loc, floating* grad_attn, Py_ssize_t K,
+                           int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,
+                           int64_t P) noexcept nogil:
+    # As backward()'s head-major path: value's copy and the K chunk buffers in one allocation.
+    cdef Py_ssize_t size = N * S * M * D
+    cdef void* raw = malloc((K + 1) * size * sizeof(floating) + 64)
+    cdef floating* work = <floating*>_align64(raw)
+    cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
+    cdef int threads = _threads(N * Lq * M * L * P * D)
+    cdef floating* scratch = <floating*>malloc(threads * _backward_heads_scratch(L, P, D) * sizeof(floating))
+    cdef int status = 1
+    if raw != NULL and zeros != NULL and scratch != NULL:
+        _to_heads(value, work, N, S, M, D, threads)
+        _backward(grad_out, work, shapes, starts, loc, attn, grad_value, work + size, K, grad_loc, grad_attn,
+                  zeros, scratch, N, S, M, D, Lq, L, P, True, threads)
+        status = 0
+    free(raw)
     free(zeros)
     free(scratch)
     return status

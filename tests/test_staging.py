@@ -1,17 +1,22 @@
-"""Huge-page staging (cydeform._staging): same bits with and without, used when it pays."""
+"""Huge-page staging (cydeform._staging): same bits with and without, used when it pays.
+
+Calls with many samples per value position (Lq L P >= 4 S here) take the head-major
+path instead: the op copies value into its own layout, in the thread's 'work' buffer
+(huge pages where enabled); the value staging is for calls below that."""
 import threading
 
 import numpy as np
 import pytest
 
 import cydeform
-from cydeform import _staging
+from cydeform import _cpu, _staging
 from cydeform.bench.problems import make_problem
 
 LEVELS = np.array([[64, 128]])  # S = 8192: value (1, 8192, 8, 32) float32 is 8.4 MB
 
 
-def spread_problem(seed=0, Lq=8192):
+def spread_problem(seed=0, Lq=4096):
+    """Lq L P = 2 S: staged (not head-major) by default; Lq=8192 is head-major."""
     return make_problem(1, Lq, "uniform", np.float32, seed=seed, levels=LEVELS)
 
 
@@ -40,6 +45,7 @@ def run(problem):
 def test_staged_calls_are_bit_identical_and_really_staged(huge, threads):
     problem = spread_problem()
     value, shapes, starts, loc, attn = problem
+    assert not _cpu._by_head(value, loc)
     assert _staging.worth_staging(value.nbytes, 4 * attn.size,
                                   _staging.page_spread(value.shape, 4, shapes, starts, loc))
     before = cydeform.get_num_threads()
@@ -58,16 +64,43 @@ def test_staged_calls_are_bit_identical_and_really_staged(huge, threads):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def test_grad_value_is_the_callers_own_array(huge):
-    first = run(spread_problem(seed=0))
-    kept = first[1].copy()
-    run(spread_problem(seed=1))  # reuses the staging buffers
-    np.testing.assert_array_equal(first[1], kept)
-    assert first[1].flags.owndata
+@pytest.mark.parametrize("threads", [1, 2])
+def test_head_major_calls_use_the_work_buffer_with_the_same_bits(threads):
+    problem = spread_problem(Lq=8192)
+    value, _, _, loc, _ = problem
+    assert _cpu._by_head(value, loc)
+    before = cydeform.get_num_threads()
+    results = []
+    try:
+        cydeform.set_num_threads(threads)
+        for setting in (False, None):
+            cydeform.set_huge_pages(setting)
+            results.append(run(problem))
+            slot = "work" if _staging.huge_pages_enabled() else "work-plain"
+            # The forward's copy of value; the backward's, plus its 2 query-chunk buffers.
+            assert _staging._local.buffers[slot]._array.size >= 3 * value.nbytes
+    finally:
+        cydeform.set_num_threads(before)
+        cydeform.set_huge_pages(None)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def test_concurrent_python_threads_each_get_their_own_buffers(huge):
-    problems = [spread_problem(seed=s) for s in range(3)]
+@pytest.mark.parametrize("Lq", [4096, 8192])
+def test_grad_value_is_the_callers_own_array(huge, Lq):
+    first = run(spread_problem(seed=0, Lq=Lq))
+    kept = [a.copy() for a in first]
+    run(spread_problem(seed=1, Lq=Lq))  # reuses the staging or work buffers
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
+    for buffer in _staging._local.buffers.values():
+        if buffer._array is not None:
+            assert not any(np.shares_memory(a, buffer._array) for a in first)
+
+
+@pytest.mark.parametrize("Lq", [4096, 8192])
+def test_concurrent_python_threads_each_get_their_own_buffers(huge, Lq):
+    problems = [spread_problem(seed=s, Lq=Lq) for s in range(3)]
     want = [cydeform.ms_deform_attn(*p) for p in problems]
     got = [None] * 3
 
@@ -91,10 +124,12 @@ def test_staging_is_chosen_for_spread_encoder_calls_only():
         return spread, _staging.worth_staging(value.nbytes, 4 * attn.size, spread)
 
     uniform, local = decide(None, "uniform"), decide(None, "local")
-    assert uniform[0] > 0.5 and uniform[1]
+    assert uniform[0] > 0.5 and uniform[1]  # but the encoder call goes head-major (below)
     assert local[0] < 0.2 and not local[1]
     assert not decide(300, "uniform")[1]  # the decoder call: too few gathers for the copy
     assert not _staging.worth_staging(4 << 20, 10**9, 1.0)  # small values fit the TLB's reach
+    encoder, decoder = make_problem(1, None), make_problem(1, 300)
+    assert _cpu._by_head(encoder[0], encoder[3]) and not _cpu._by_head(decoder[0], decoder[3])
 
 
 def test_set_huge_pages_refuses_other_values():
@@ -113,12 +148,14 @@ def at_offset(a, offset):
 
 @pytest.mark.parametrize("huge_pages", [False, None])
 def test_a_misaligned_value_is_copied_to_an_aligned_buffer_with_the_same_bits(huge_pages):
-    # Local locations: not spread out, so only the alignment decides.
-    value, shapes, starts, loc, attn = make_problem(1, 8192, "local", np.float32, levels=LEVELS)
-    assert _staging.worth_aligning(16, 128, value.nbytes, 4 * attn.size)
-    assert not _staging.worth_aligning(64, 128, value.nbytes, 4 * attn.size)
-    assert not _staging.worth_aligning(16, 128, value.nbytes, value.nbytes // 64)  # few gathers
-    from cydeform import _cpu
+    # Local locations: not spread out, so only the alignment decides. D = 8 and
+    # Lq L P = 2 S: enough gathers per byte of value to align, not head-major.
+    value, shapes, starts, loc, attn = make_problem(1, 4096, "local", np.float32, levels=LEVELS)
+    value = np.ascontiguousarray(value[..., :8])
+    assert not _cpu._by_head(value, loc)
+    assert _staging.worth_aligning(16, 32, value.nbytes, 4 * attn.size)
+    assert not _staging.worth_aligning(64, 32, value.nbytes, 4 * attn.size)
+    assert not _staging.worth_aligning(16, 32, value.nbytes, value.nbytes // 64)  # few gathers
 
     cydeform.set_huge_pages(huge_pages)
     try:
