@@ -37,13 +37,26 @@ def test_corner_rows_are_the_ops_corners(dtype):
     np.testing.assert_allclose(rebuilt, cydeform.ms_deform_attn(value, shapes, starts, loc, attn), atol=tol)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype,Lq", [(np.float32, 9), (np.float64, 9), (np.float64, 64), (np.float32, 4)])
-def test_gather_floor_sums_and_scatters_the_given_rows(dtype, threads, Lq):
-    value, shapes, starts, loc, attn = problem(dtype, seed=1, Lq=Lq)
+def test_head_major_corner_rows_point_at_the_same_elements():
+    value, shapes, starts, loc, attn = problem(np.float32)
     rows = corner_rows(value.shape, shapes, starts, loc)
+    rows_h = corner_rows(value.shape, shapes, starts, loc, heads=True)
+    np.testing.assert_array_equal(rows < 0, rows_h < 0)
+    heads = np.ascontiguousarray(value.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(value.reshape(-1)[rows[rows >= 0]], heads.reshape(-1)[rows_h[rows_h >= 0]])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads", [False, True])
+@pytest.mark.parametrize("dtype,Lq", [(np.float32, 9), (np.float64, 9), (np.float64, 64), (np.float32, 4)])
+def test_gather_floor_sums_and_scatters_the_given_rows(dtype, threads, Lq, heads):
+    value, shapes, starts, loc, attn = problem(dtype, seed=1, Lq=Lq)
+    rows = corner_rows(value.shape, shapes, starts, loc, heads=heads)
+    given = value
+    if heads:  # the head-major copy the op would gather from
+        value = np.ascontiguousarray(value.transpose(0, 2, 1, 3))
     before = cydeform.get_num_threads(), _cpu.set_min_parallel_work(0)
-    S, L, P, D = value.shape[1], len(LEVELS), loc.shape[4], value.shape[3]
+    S, L, P, D = given.shape[1], len(LEVELS), loc.shape[4], given.shape[3]
     # Lq = 64: the backward floor takes the op's query-chunk layout (several buffers).
     assert (_cpu._impl.query_chunks(S, Lq, L, P, 0) > 1) == (Lq == 64)
     # Lq = 4: few samples per position, the backward goes sparse, and its floor only
@@ -52,8 +65,8 @@ def test_gather_floor_sums_and_scatters_the_given_rows(dtype, threads, Lq):
     assert sparse == (Lq == 4)
     try:
         cydeform.set_num_threads(threads)
-        sums = _cpu._impl.gather_floor(value, rows)
-        sums_b, grad = _cpu._impl.gather_floor(value, rows, backward=True)
+        sums = _cpu._impl.gather_floor(value, rows, heads=heads)
+        sums_b, grad = _cpu._impl.gather_floor(value, rows, backward=True, heads=heads)
     finally:
         cydeform.set_num_threads(before[0])
         _cpu.set_min_parallel_work(before[1])
@@ -67,8 +80,11 @@ def test_gather_floor_sums_and_scatters_the_given_rows(dtype, threads, Lq):
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(sums, want, atol=tol)
     np.testing.assert_array_equal(sums_b, sums)
-    assert grad.shape == value.shape
-    np.testing.assert_allclose(grad.reshape(-1), 0 if sparse else want_grad, atol=tol)
+    assert grad.shape == given.shape  # (N, S, M, D) in either layout
+    want_grad = want_grad.reshape(value.shape)
+    if heads:
+        want_grad = want_grad.transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(grad, 0 if sparse else want_grad, atol=tol)
 
 
 def test_copy_bandwidth_is_a_positive_rate():

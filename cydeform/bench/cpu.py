@@ -100,10 +100,18 @@ def run_cpu(args):
                 value, shapes, starts, loc, attn = make_problem(1, Lq, dist, np.dtype(dtype))
                 Lq_ = loc.shape[1]
                 grad = np.random.default_rng(1).standard_normal((1, Lq_, M * D)).astype(dtype)
-                rows = None if args.no_floor else floor.corner_rows(value.shape, shapes, starts, loc)
-                # The floor gathers from the buffer the op gathers from: its staging copy if any.
-                staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)[0]
-                floor_value = value if staged is None else staged
+                heads = _cpu._by_head(value, loc)
+                rows = None if args.no_floor else floor.corner_rows(value.shape, shapes, starts, loc, heads=heads)
+                # The floor gathers from a buffer like the op's: its head-major copy or its
+                # staging copy if any.
+                if args.no_floor or not heads:
+                    staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)[0]
+                    floor_value = value if staged is None else staged
+                else:
+                    floor_value = _cpu._impl._aligned_empty(value.shape[:1] + value.shape[2:3] + value.shape[1:2]
+                                                            + value.shape[3:], value.dtype)
+                    floor_value[...] = value.transpose(0, 2, 1, 3)
+                floor_work = _cpu._work(value) if heads else None  # the op's own kept buffer
                 for threads in args.threads:
                     cydeform.set_num_threads(threads)
                     t_f = median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), args.repeat, 0.5)
@@ -111,8 +119,10 @@ def run_cpu(args):
                                       args.repeat, 0.5)
                     fl_f = fl_b = None
                     if rows is not None:
-                        fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows), args.repeat, 0.5)
-                        fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True),
+                        fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, heads=heads),
+                                           args.repeat, 0.5)
+                        fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True,
+                                                                           heads=heads, work=floor_work),
                                            args.repeat, 0.5)
                     tt_f = tt_b = None
                     if ref is not None:

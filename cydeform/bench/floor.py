@@ -9,6 +9,9 @@ grad buffer at its offset (backward floor: the op's scatter, minus the dot produ
 for calls the backward does with its sparse method, few samples per value position,
 the gathers and one parallel write of grad_value instead, which is all of that
 method's memory traffic).
+For calls the op does on a head-major copy of value (``_cpu._by_head``), the floor
+gathers from such a copy in the op's head-major order; the op's copies in and out of
+that layout are not in the floor (they are what the op pays for the layout).
 ``copy_gbs`` is the machine's copy bandwidth. The benchmark prints each cydeform time as
 a multiple of its floor.
 """
@@ -19,9 +22,10 @@ import time
 import numpy as np
 
 
-def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locations):
-    """(N*Lq*M, 4*L*P) int64 offsets into the flattened value (N, S, M, D); -1 where a
-    corner lies outside the map or the point's cell holds no texel (assumes finite locations)."""
+def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locations, heads=False):
+    """(N*Lq*M, 4*L*P) int64 offsets into the flattened value (N, S, M, D), or with
+    ``heads`` into its head-major copy (N, M, S, D); -1 where a corner lies outside the
+    map or the point's cell holds no texel (assumes finite locations)."""
     N, S, M, D = value_shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     H = np.asarray(spatial_shapes)[:, 0].astype(np.int64)[None, None, None, :, None]
@@ -37,7 +41,8 @@ def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locatio
     for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
         cx, cy = x0 + dx, y0 + dy
         ok = inside & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
-        offset = ((n * S + start + cy * W + cx) * M + m) * D
+        pos = start + cy * W + cx
+        offset = ((n * M + m) * S + pos) * D if heads else ((n * S + pos) * M + m) * D
         rows.append(np.where(ok, offset, -1))
     return np.ascontiguousarray(np.stack(rows, axis=-1).reshape(N * Lq * M, L * P * 4))
 
