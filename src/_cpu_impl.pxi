@@ -987,11 +987,10 @@ cdef inline void _floor_row(const floating* value, const int64_t* rows, Py_ssize
 cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t Lq,
                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, const floating* zeros, const floating* ones,
                          floating* out, bint heads) noexcept nogil:
-    """Rows in the op forward's order: (n, q, m), or with ``heads`` (n, m, q)."""
-    cdef Py_ssize_t t, r
+    """Rows in the order given: the op forward's (n, q, m), or with ``heads`` (n, m, q)."""
+    cdef Py_ssize_t t
     for t in prange(N * Lq * M, schedule="static", num_threads=_threads(N * Lq * M * K * D // 4)):
-        r = (((t // (M * Lq)) * Lq + t % Lq) * M + (t // Lq) % M) if heads else t
-        _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, NULL)
+        _floor_row(value, rows + t * K, K, D, zeros, ones, out + t * D, NULL)
 
 
 cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t S,
@@ -1018,7 +1017,7 @@ cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t
             memset(gv + (n * M + m_lo) * S * D, 0, (m_hi - m_lo) * S * D * sizeof(floating))
             for m in range(m_lo, m_hi):
                 for q in range(c * Lq // QK, (c + 1) * Lq // QK):
-                    r = (n * Lq + q) * M + m
+                    r = (n * M + m) * Lq + q  # rows in (n, m, q) order
                     _floor_row(value, rows + r * K, K, D, zeros, ones, out + r * D, gv)
             continue
         gv = grad_value if c == 0 else extra + (c - 1) * size
@@ -1042,10 +1041,10 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     every gathered row added into it with the op backward's buffers and task layout;
     for a sparse one (sparse_applies, which needs only L P = K / 4), only written once
     with zeros in parallel: the sparse method's one pass over it.
-    ``heads``: value is the op's head-major copy (N, M, S, D) (rows index it:
-    cydeform.bench.floor.corner_rows(heads=True)) and the rows run in the head-major
-    path's order and buffers; ``work`` as in backward(), for its chunk buffers. The
-    copy of value into that layout is not part of the floor."""
+    ``heads``: value is the op's head-major copy (N, M, S, D), rows (and the sums) are
+    in (n, m, q) order and index it (cydeform.bench.floor.corner_rows(heads=True)), and
+    they run in the head-major path's order and buffers; ``work`` as in backward(), for
+    its chunk buffers. The copy of value into that layout is not part of the floor."""
     if heads:
         N, M, S, D = value.shape
     else:

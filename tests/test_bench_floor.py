@@ -40,7 +40,10 @@ def test_corner_rows_are_the_ops_corners(dtype):
 def test_head_major_corner_rows_point_at_the_same_elements():
     value, shapes, starts, loc, attn = problem(np.float32)
     rows = corner_rows(value.shape, shapes, starts, loc)
+    N, S, M, D = value.shape
+    # Head-major rows come in (n, m, q) order: back to (n, q, m) to compare row by row.
     rows_h = corner_rows(value.shape, shapes, starts, loc, heads=True)
+    rows_h = rows_h.reshape(N, M, -1, rows.shape[1]).transpose(0, 2, 1, 3).reshape(rows.shape)
     np.testing.assert_array_equal(rows < 0, rows_h < 0)
     heads = np.ascontiguousarray(value.transpose(0, 2, 1, 3))
     np.testing.assert_array_equal(value.reshape(-1)[rows[rows >= 0]], heads.reshape(-1)[rows_h[rows_h >= 0]])

@@ -23,9 +23,11 @@ import numpy as np
 
 
 def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locations, heads=False):
-    """(N*Lq*M, 4*L*P) int64 offsets into the flattened value (N, S, M, D), or with
-    ``heads`` into its head-major copy (N, M, S, D); -1 where a corner lies outside the
-    map or the point's cell holds no texel (assumes finite locations)."""
+    """(N*Lq*M, 4*L*P) int64 offsets into the flattened value (N, S, M, D), rows in
+    (n, q, m) order; with ``heads``, offsets into its head-major copy (N, M, S, D) and
+    rows in the head-major path's (n, m, q) order, so the floor reads them in order as
+    the op reads its block copies. -1 where a corner lies outside the map or the
+    point's cell holds no texel (assumes finite locations)."""
     N, S, M, D = value_shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     H = np.asarray(spatial_shapes)[:, 0].astype(np.int64)[None, None, None, :, None]
@@ -44,7 +46,10 @@ def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locatio
         pos = start + cy * W + cx
         offset = ((n * M + m) * S + pos) * D if heads else ((n * S + pos) * M + m) * D
         rows.append(np.where(ok, offset, -1))
-    return np.ascontiguousarray(np.stack(rows, axis=-1).reshape(N * Lq * M, L * P * 4))
+    rows = np.stack(rows, axis=-1).reshape(N, Lq, M, L * P * 4)
+    if heads:
+        rows = rows.transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(rows.reshape(N * Lq * M, L * P * 4))
 
 
 def copy_gbs(nbytes=256 << 20, repeat=5):
