@@ -20,6 +20,11 @@ enough (:func:`worth_aligning`): into the huge-page buffer where huge pages are
 enabled, else into a plain page-aligned one; the backward's grad_value buffers are
 then the op's own (also aligned), not staged.
 
+Calls with many samples per value position (the encoder call) do not stage: the op
+copies value into its head-major layout itself (src/_cpu_impl.pxi, ``_by_head``), into
+this thread's 'work' buffer (:func:`work_buffer`: huge pages where enabled, else plain
+pages), kept between calls like the others.
+
 Huge-page staging happens only if all of these hold:
 - huge pages are enabled (``set_huge_pages(True)``, or the default ``None``, "auto",
   which needs Linux with transparent huge pages in ``madvise`` mode; in ``always``
