@@ -1,5 +1,8 @@
 """The benchmark's floor does the op's gathers: its corner offsets are the op's corners,
-and its kernels sum and scatter exactly the rows they are given."""
+and its kernels sum and scatter exactly the rows they are given; its thread scaling
+is timed in pairs."""
+import time
+
 import numpy as np
 import pytest
 
@@ -92,3 +95,16 @@ def test_gather_floor_sums_and_scatters_the_given_rows(dtype, threads, Lq, heads
 
 def test_copy_bandwidth_is_a_positive_rate():
     assert 0.1 < copy_gbs(8 << 20, repeat=3) < 10_000
+
+
+def test_paired_speedup_is_the_ratio_of_one_thread_to_many_in_the_same_rounds():
+    from cydeform.bench.cpu import paired_speedup
+
+    before = cydeform.get_num_threads()
+    try:
+        # A call that takes 2 ms per thread: 1 thread is twice as fast as 2.
+        ratio = paired_speedup(lambda: time.sleep(0.002 * cydeform.get_num_threads()), 2, 3)
+        assert 0.3 < ratio < 0.8
+        assert cydeform.get_num_threads() == 2  # left at the row's thread count
+    finally:
+        cydeform.set_num_threads(before)

@@ -9,8 +9,11 @@ ratio. PyTorch is never a dependency. The calls and location distributions are t
 (``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters,
 or for a backward that goes sparse one write of grad_value, without geometry or
 arithmetic, from the buffer the op gathers from: its staging copy when it stages value,
-cydeform._staging) and cydeform's time as a multiple of it; the header gives the
-machine's copy bandwidth. ``--no-floor`` skips them.
+cydeform._staging, or its head-major copy) and cydeform's time as a multiple of it; the
+header gives the machine's copy bandwidth. ``--no-floor`` skips them. Rows with more
+than one thread show the speed-up over 1 thread as the median of ratios of the two
+timed back to back (``paired_speedup``), not as a ratio of two medians taken a
+minute apart.
 """
 from __future__ import annotations
 
@@ -53,6 +56,23 @@ def median_time(fn, repeat, min_time=0.0):
     return statistics.median(times)
 
 
+def paired_speedup(fn, threads, repeat):
+    """Median over rounds of (1-thread time / ``threads``-thread time) of ``fn``, the two
+    run back to back in each round, so that a machine whose speed drifts over minutes
+    (shared VMs) does not skew the ratio as two separately timed medians would."""
+    ratios = []
+    for _ in range(max(3, repeat)):
+        pair = []
+        for n in (1, threads):
+            cydeform.set_num_threads(n)
+            t0 = time.perf_counter()
+            fn()
+            pair.append(time.perf_counter() - t0)
+        ratios.append(pair[0] / pair[1])
+    cydeform.set_num_threads(threads)
+    return statistics.median(ratios)
+
+
 def torch_reference():
     """The PyTorch grid_sample reference (Deformable DETR's ms_deform_attn_core_pytorch), or None."""
     try:
@@ -93,7 +113,6 @@ def run_cpu(args):
               + ("" if args.no_floor else "floor ms | x floor | ") + "torch ms | speed-up |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    single = {}
     for call, Lq in (("encoder", None), ("decoder", 300)):
         for dist in args.distributions:
             for dtype in args.dtype:
@@ -112,11 +131,19 @@ def run_cpu(args):
                                                             + value.shape[3:], value.dtype)
                     floor_value[...] = value.transpose(0, 2, 1, 3)
                 floor_work = _cpu._work(value) if heads else None  # the op's own kept buffer
+                def op_forward():
+                    cydeform.ms_deform_attn(value, shapes, starts, loc, attn)
+
+                def op_backward():
+                    cydeform.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn)
+
                 for threads in args.threads:
                     cydeform.set_num_threads(threads)
-                    t_f = median_time(lambda: cydeform.ms_deform_attn(value, shapes, starts, loc, attn), args.repeat, 0.5)
-                    t_b = median_time(lambda: cydeform.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn),
-                                      args.repeat, 0.5)
+                    t_f = median_time(op_forward, args.repeat, 0.5)
+                    t_b = median_time(op_backward, args.repeat, 0.5)
+                    # Scaling: 1 thread and this many timed in the same rounds.
+                    s_f = paired_speedup(op_forward, threads, args.repeat) if threads > 1 else None
+                    s_b = paired_speedup(op_backward, threads, args.repeat) if threads > 1 else None
                     fl_f = fl_b = None
                     if rows is not None:
                         fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, heads=heads),
@@ -127,13 +154,10 @@ def run_cpu(args):
                     tt_f = tt_b = None
                     if ref is not None:
                         tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)
-                    for name, t, tt, fl, bwd in (("forward", t_f, tt_f, fl_f, False),
-                                                 ("backward", t_b, tt_b, fl_b, True)):
+                    for name, t, tt, fl, sp, bwd in (("forward", t_f, tt_f, fl_f, s_f, False),
+                                                     ("backward", t_b, tt_b, fl_b, s_b, True)):
                         gbs = traffic_bytes(1, Lq_, dtype, bwd) / t / 1e9
-                        key = (call, dist, dtype, name)
-                        if threads == 1:
-                            single[key] = t
-                        extra = f" ({single[key] / t:.2f}x 1 thread)" if threads > 1 and key in single else ""
+                        extra = f" ({sp:.2f}x 1 thread)" if sp is not None else ""
                         torch_ms = f"{tt * 1e3:.1f}" if tt else "-"
                         ratio = f"{tt / t:.1f}x" if tt else "-"
                         floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {t / fl:.2f} | "
