@@ -142,7 +142,10 @@ def test_every_instruction_set_build_gives_bit_identical_results(dtype, data):
     for isa in isas:
         impl = importlib.import_module(f"cydeform._cpu_{isa}")
         results.append((impl.forward(value, shapes, starts, loc, attn),
-                        *impl.backward(g, value, shapes, starts, loc, attn)))
+                        *impl.backward(g, value, shapes, starts, loc, attn),
+                        # and the head-major path, whatever the problem's shape would pick
+                        impl.forward(value, shapes, starts, loc, attn, layout="heads"),
+                        *impl.backward(g, value, shapes, starts, loc, attn, method="dense", layout="heads")))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
