@@ -88,11 +88,13 @@ def test_forward_is_bit_identical_to_numpy(dtype, jit, threads):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("Lq", [6, 200], ids=["Lq6", "Lq200-query-chunks"])
 def test_vjp_under_jit_is_bit_identical_to_numpy_backward(dtype, Lq, threads):
-    # Lq=200 on one image takes the backward's query-chunked path (two grad_value buffers).
+    # Lq=200 on one image takes the backward's query-chunked path (two grad_value buffers)
+    # and, forward and backward, the head-major layout, in the C entry points too.
     N = 1 if Lq == 200 else 2
     v, l, a, g = problem(N=N, Lq=Lq, dtype=dtype)
     if Lq == 200:
         assert _cpu._impl.query_chunks(S, Lq, len(SHAPES), 2, 1 << 30) == 2
+        assert _cpu._impl.by_head(S, Lq, len(SHAPES), 2)
 
     @jax.jit
     def run(v, l, a, g):
