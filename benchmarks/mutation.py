@@ -43,6 +43,13 @@ MUTATIONS = [
     ("cpu: swapped terms in dloc_y", "src/_cpu_impl.pxi",
      "(hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1]))",
      "(hx * (dots[3] - dots[1]) + lx * (dots[2] - dots[0]))", CPU_TESTS),
+    ("cpu: head-major forward drops the last query of each 32-query block", "src/_cpu_impl.pxi",
+     "q_hi = min(Lq, q_lo + _QUERY_BLOCK)", "q_hi = min(Lq, q_lo + _QUERY_BLOCK - 1)", CPU_TESTS),
+    ("cpu: head-major backward drops the last query of each chunk", "src/_cpu_impl.pxi",
+     "(c + 1) * Lq // K - c * Lq // K)", "(c + 1) * Lq // K - c * Lq // K - 1)", CPU_TESTS),
+    ("cpu: head-major backward's chunk sum keeps chunk 0 only", "src/_cpu_impl.pxi",
+     "                    for c in range(1, K):\n                        acc = acc + a[c * size + d]",
+     "                    for c in range(1, 1):\n                        acc = acc + a[c * size + d]", CPU_TESTS),
     # CUDA kernels (host harness)
     ("kernel: inside check x < W -> x <= W", "cydeform/kernels/msda_common.cuh",
      "x >= -1.0 && x < (double)W &&", "x >= -1.0 && x <= (double)W &&", KERNEL_TESTS),
