@@ -78,8 +78,7 @@ MUTATIONS = [
     ("layer: Linear bias gradient not accumulated", "cydeform/nn.py",
      'self._grads["bias"] += g.sum(axis=0)', 'self._grads["bias"] = g.sum(axis=0)', LAYER_TESTS),
     ("layer: Linear accumulates a batch in one product, not image by image", "cydeform/nn.py",
-     "rows = max(x2.shape[0] // x.shape[0] if x.ndim >= 3 and x.shape[0] > 0 else x2.shape[0], 1)",
-     "rows = max(x2.shape[0], 1)", LAYER_TESTS),
+     "return max(x2.shape[0] // x.shape[0], 1)", "return max(x2.shape[0], 1)", LAYER_TESTS),
     # validation (cydeform/_validate.py)
     ("validation: P < 1 check dropped", "cydeform/_validate.py",
      "if Lq < 1 or P < 1:", "if Lq < 1:", VALIDATION_TESTS),

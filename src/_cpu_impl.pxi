@@ -301,8 +301,8 @@ cdef inline Py_ssize_t _heads_scratch_size(int threads, Py_ssize_t L, Py_ssize_t
 # into the head-major layout (N, M, S, D) and works head by head: a thread's working
 # set is one head's contiguous slab (2.8 MB of the encoder call's 22.7 MB; the
 # backward's grad_value slab as much again), and x0, x0+1 are adjacent rows.
-# Measured (benchmarks/cpu_log.md, 13): the encoder backward 2-2.5x faster with
-# uniform locations. The arithmetic and its order per output element are unchanged:
+# Measured (benchmarks/cpu_log.md, 13): the encoder backward 1.6-2.6x faster with
+# uniform locations (Zen 3 and Zen 4 VMs). The arithmetic and its order per output element are unchanged:
 # both layouts give the same bits.
 
 cdef inline bint _by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
