@@ -179,7 +179,7 @@ cdef inline int _corners(double loc_x, double loc_y, int64_t H, int64_t W,
 cdef enum:
     _BLOCK = 64
     _LANES = 8  # CYD_LANES of msda_inner.h
-    _BY_HEAD_SAMPLES = 4  # _by_head's threshold, samples per value position and head
+    _BY_HEAD_SAMPLES = 3  # _by_head's threshold, samples per value position and head (cpu_log 16)
     _LAYOUT_BLOCK = 64  # positions per task of the layout copies
     _QUERY_BLOCK = 32  # queries per task of the head-major forward
 

@@ -1,6 +1,6 @@
 """Huge-page staging (cydeform._staging): same bits with and without, used when it pays.
 
-Calls with many samples per value position (Lq L P >= 4 S here) take the head-major
+Calls with many samples per value position (Lq L P >= 3 S) take the head-major
 path instead: the op copies value into its own layout, in the thread's 'work' buffer
 (huge pages where enabled); the value staging is for calls below that."""
 import threading
