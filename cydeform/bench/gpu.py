@@ -92,7 +92,6 @@ def copy_bandwidth_gbs(timer, nbytes=1 << 30, repeat=20):
                                       cupy.cuda.runtime.memcpyDeviceToDevice, stream)
 
     us = timer.median_us(copy, repeat)
-    del src, dst
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
