@@ -253,6 +253,22 @@ cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* 
                      loc + r * L * P * 2, attn + r * L * P, out + r * D)
 
 
+cdef inline void _rows_in(floating* dst, const floating* src, Py_ssize_t width, Py_ssize_t r0,
+                          Py_ssize_t step, Py_ssize_t count) noexcept nogil:
+    """dst[j] = src row r0 + j * step, for j < count (rows of ``width`` elements)."""
+    cdef Py_ssize_t j
+    for j in range(count):
+        memcpy(dst + j * width, src + (r0 + j * step) * width, width * sizeof(floating))
+
+
+cdef inline void _rows_out(floating* dst, const floating* src, Py_ssize_t width, Py_ssize_t r0,
+                           Py_ssize_t step, Py_ssize_t count) noexcept nogil:
+    """dst row r0 + j * step = src[j], for j < count: the inverse of _rows_in."""
+    cdef Py_ssize_t j
+    for j in range(count):
+        memcpy(dst + (r0 + j * step) * width, src + j * width, width * sizeof(floating))
+
+
 cdef void _forward_heads(const floating* value, const int64_t* shapes, const int64_t* starts,
                          const floating* loc, const floating* attn, floating* out, const floating* zeros,
                          floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
@@ -264,7 +280,7 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
     there and copies the outputs out at the end."""
     cdef Py_ssize_t LP = L * P, per = _QUERY_BLOCK * (3 * LP + D)
     cdef Py_ssize_t blocks = (Lq + _QUERY_BLOCK - 1) // _QUERY_BLOCK
-    cdef Py_ssize_t t, n, m, q, q_lo, q_hi, r, j
+    cdef Py_ssize_t t, n, m, q_lo, q_hi, r0, j
     cdef floating* b_loc
     cdef floating* b_attn
     cdef floating* b_out
@@ -276,17 +292,13 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
         b_loc = scratch + threadid() * per
         b_attn = b_loc + _QUERY_BLOCK * 2 * LP
         b_out = b_attn + _QUERY_BLOCK * LP
-        for q in range(q_lo, q_hi):
-            r = (n * Lq + q) * M + m
-            j = q - q_lo
-            memcpy(b_loc + j * 2 * LP, loc + r * 2 * LP, 2 * LP * sizeof(floating))
-            memcpy(b_attn + j * LP, attn + r * LP, LP * sizeof(floating))
-        for q in range(q_lo, q_hi):
-            j = q - q_lo
+        r0 = (n * Lq + q_lo) * M + m  # the task's rows: r0, r0 + M, ...
+        _rows_in(b_loc, loc, 2 * LP, r0, M, q_hi - q_lo)
+        _rows_in(b_attn, attn, LP, r0, M, q_hi - q_lo)
+        for j in range(q_hi - q_lo):
             _forward_row(value + (n * M + m) * S * D, zeros, D, shapes, starts, L, P, D,
                          b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
-        for q in range(q_lo, q_hi):
-            memcpy(out + ((n * Lq + q) * M + m) * D, b_out + (q - q_lo) * D, D * sizeof(floating))
+        _rows_out(out, b_out, D, r0, M, q_hi - q_lo)
 
 
 cdef inline Py_ssize_t _heads_scratch_size(int threads, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D) noexcept nogil:
@@ -361,7 +373,7 @@ cdef void _from_heads(const floating* chunks, Py_ssize_t K, floating* dst, Py_ss
 
 
 def _work_buffer(work, Py_ssize_t n, dtype):
-    if work is None or n == 1:
+    if work is None:
         return _aligned_empty(n, dtype)
     buf = work(n)
     if buf.ndim != 1 or buf.shape[0] < n or buf.dtype != dtype or not buf.flags.c_contiguous:
@@ -396,8 +408,8 @@ def forward(value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] leve
     cdef int threads = _threads(N * Lq * M * L * P * D)
     out = _aligned_empty((N, Lq, M * D), value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
-    # The head-major copy of value, then the scratch rows of _forward_heads.
-    buf = _work_buffer(work, value.size + _heads_scratch_size(threads, L, P, D) if heads else 1, value.dtype)
+    # The head-major copy of value, then the scratch rows of _forward_heads (unused otherwise).
+    buf = _work_buffer(work, value.size + _heads_scratch_size(threads, L, P, D), value.dtype) if heads else zeros
     if value.dtype == np.float32:
         _forward_typed[float](value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights, out, zeros, buf, heads, threads)
@@ -623,28 +635,24 @@ cdef inline void _backward_head_rows(const floating* value_m, floating* grad_val
     backward on head-major value_m / grad_value_m (S, D) slabs, in order. As in
     _forward_heads, their per-row inputs are 1 in M rows apart: copied in blocks of
     _QUERY_BLOCK rows into ``scratch`` (_backward_heads_scratch), outputs copied out."""
-    cdef Py_ssize_t LP = L * P, jb, j0, j, nb, r
+    cdef Py_ssize_t LP = L * P, jb, j, nb, r
     cdef floating* b_g = scratch + 4 * D
     cdef floating* b_loc = b_g + _QUERY_BLOCK * D
     cdef floating* b_attn = b_loc + _QUERY_BLOCK * 2 * LP
     cdef floating* b_gloc = b_attn + _QUERY_BLOCK * LP
     cdef floating* b_gattn = b_gloc + _QUERY_BLOCK * 2 * LP
     for jb in range((count + _QUERY_BLOCK - 1) // _QUERY_BLOCK):
-        j0 = jb * _QUERY_BLOCK
-        nb = min(_QUERY_BLOCK, count - j0)
-        for j in range(nb):
-            r = r0 + (j0 + j) * M
-            memcpy(b_g + j * D, g + r * D, D * sizeof(floating))
-            memcpy(b_loc + j * 2 * LP, loc + r * 2 * LP, 2 * LP * sizeof(floating))
-            memcpy(b_attn + j * LP, attn + r * LP, LP * sizeof(floating))
+        r = r0 + jb * _QUERY_BLOCK * M  # the block's first row
+        nb = min(_QUERY_BLOCK, count - jb * _QUERY_BLOCK)
+        _rows_in(b_g, g, D, r, M, nb)
+        _rows_in(b_loc, loc, 2 * LP, r, M, nb)
+        _rows_in(b_attn, attn, LP, r, M, nb)
         for j in range(nb):
             _backward_row(value_m, grad_value_m, zeros, scratch, D, shapes, starts, L, P, D, b_g + j * D,
                           b_loc + j * 2 * LP, b_attn + j * LP, b_gloc + j * 2 * LP, b_gattn + j * LP,
                           M, 0, NULL, NULL)
-        for j in range(nb):
-            r = r0 + (j0 + j) * M
-            memcpy(grad_loc + r * 2 * LP, b_gloc + j * 2 * LP, 2 * LP * sizeof(floating))
-            memcpy(grad_attn + r * LP, b_gattn + j * LP, LP * sizeof(floating))
+        _rows_out(grad_loc, b_gloc, 2 * LP, r, M, nb)
+        _rows_out(grad_attn, b_gattn, LP, r, M, nb)
 
 
 cdef void _backward(const floating* grad_out, const floating* value, const int64_t* shapes,
@@ -870,42 +878,35 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
         return grad_value, grad_loc, grad_attn
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     threads = _threads(N * Lq * M * L * P * D)  # read once: the scratch is sized for it
-    if _use_heads(layout, S, Lq, L, P):
+    heads = _use_heads(layout, S, Lq, L, P)
+    if heads:
         # Per thread: 4 rows where corners outside the map scatter, and block buffers.
         scratch = np.empty((threads, 1, _backward_heads_scratch(L, P, D)), dtype=value.dtype)
         grad_value = _aligned_empty(value.shape, value.dtype)
         # The head-major copy of value, then the K chunk buffers (zeroed by the op's tasks).
-        buf = _work_buffer(work, (K + 1) * value.size, value.dtype)
-        if value.dtype == np.float32:
-            _backward_typed[float](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                   attention_weights, grad_value, buf, K, grad_loc, grad_attn, zeros,
-                                   scratch, True, threads)
-        else:
-            _backward_typed[double](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, grad_value, buf, K, grad_loc, grad_attn, zeros,
-                                    scratch, True, threads)
-        return grad_value, grad_loc, grad_attn
-    # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
-    scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
-    staged = buffers(K) if buffers is not None else None
-    if staged is not None:
-        grad_value = staged[0]
-        extra = staged[1:].reshape(-1) if K > 1 else np.zeros(1, dtype=value.dtype)
+        extra = _work_buffer(work, (K + 1) * value.size, value.dtype)
     else:
-        # Zeroed here, not lazily by calloc, so the threads do not take the first-touch
-        # page faults of the same pages together mid-loop.
-        grad_value = _aligned_empty(value.shape, value.dtype)
-        grad_value.fill(0)
-        extra = _aligned_empty(((K - 1) * N * S * M * D) or 1, value.dtype)
-        extra.fill(0)
+        # Up to N * K * M tasks, each with 4 rows where corners outside the map scatter.
+        scratch = np.empty((N * K * M, 4, D), dtype=value.dtype)
+        staged = buffers(K) if buffers is not None else None
+        if staged is not None:
+            grad_value = staged[0]
+            extra = staged[1:].reshape(-1) if K > 1 else np.zeros(1, dtype=value.dtype)
+        else:
+            # Zeroed here, not lazily by calloc, so the threads do not take the first-touch
+            # page faults of the same pages together mid-loop.
+            grad_value = _aligned_empty(value.shape, value.dtype)
+            grad_value.fill(0)
+            extra = _aligned_empty(((K - 1) * N * S * M * D) or 1, value.dtype)
+            extra.fill(0)
     if value.dtype == np.float32:
         _backward_typed[float](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
                                attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch,
-                               False, threads)
+                               heads, threads)
     else:
         _backward_typed[double](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
                                 attention_weights, grad_value, extra, K, grad_loc, grad_attn, zeros, scratch,
-                                False, threads)
+                                heads, threads)
     return grad_value, grad_loc, grad_attn
 
 

@@ -127,8 +127,8 @@ def run_cpu(args):
                     staged = None if args.no_floor else _cpu._stage(value, shapes, starts, loc, attn)[0]
                     floor_value = value if staged is None else staged
                 else:
-                    floor_value = _cpu._impl._aligned_empty(value.shape[:1] + value.shape[2:3] + value.shape[1:2]
-                                                            + value.shape[3:], value.dtype)
+                    N, S, M_, D_ = value.shape
+                    floor_value = _cpu._impl._aligned_empty((N, M_, S, D_), value.dtype)
                     floor_value[...] = value.transpose(0, 2, 1, 3)
                 floor_work = _cpu._work(value) if heads else None  # the op's own kept buffer
                 def op_forward():
