@@ -83,6 +83,8 @@ def cpu_supports(str isa):
 
 cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
+    void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
+    void __builtin_prefetch(const void* p) noexcept nogil
     void cyd_accumulate_f(float* out, const float** ptr, const float* w, ptrdiff_t npts,
                           ptrdiff_t D) noexcept nogil
     void cyd_accumulate_d(double* out, const double** ptr, const double* w, ptrdiff_t npts,
@@ -95,14 +97,12 @@ cdef extern from "msda_inner.h":
                                const double* v3, double* gv0, double* gv1, double* gv2, double* gv3,
                                double aw0, double aw1, double aw2, double aw3, ptrdiff_t D,
                                double* lanes) noexcept nogil
-    void cyd_sample_dots_f(const float* g, const float* v0, const float* v1, const float* v2,
-                           const float* v3, ptrdiff_t D, float* lanes) noexcept nogil
-    void cyd_sample_dots_d(const double* g, const double* v0, const double* v1, const double* v2,
-                           const double* v3, ptrdiff_t D, double* lanes) noexcept nogil
     void cyd_reduce_lanes_f(const float* lanes, double* dots) noexcept nogil
     void cyd_reduce_lanes_d(const double* lanes, double* dots) noexcept nogil
     void cyd_axpy_f(float* out, float w, const float* x, ptrdiff_t D) noexcept nogil
     void cyd_axpy_d(double* out, double w, const double* x, ptrdiff_t D) noexcept nogil
+    double cyd_dot_f(const float* g, const float* v, ptrdiff_t D) noexcept nogil
+    double cyd_dot_d(const double* g, const double* v, ptrdiff_t D) noexcept nogil
 
 # 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
 cdef int _num_threads = 0
@@ -440,35 +440,40 @@ cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] sh
 #   dx = hy (g.V01 - g.V00) + ly (g.V11 - g.V10),   dloc_x = W * A * dx
 #   dy = hx (g.V10 - g.V00) + lx (g.V11 - g.V01),   dloc_y = H * A * dy
 # and grad_value[c] += A * w_c * g for the corners inside the map.
+cdef inline void _point_gradients(double lx, double ly, double a, double W, double H, const double* dots,
+                                  floating* grad_attn, floating* grad_loc) noexcept nogil:
+    """grad_attn[0] and grad_loc[0:2] of one in-map point from its four dots g . V_c."""
+    cdef double hx = 1.0 - lx, hy = 1.0 - ly
+    cdef double w[4]
+    w[0] = hy * hx
+    w[1] = hy * lx
+    w[2] = ly * hx
+    w[3] = ly * lx
+    grad_attn[0] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
+    grad_loc[0] = <floating>(W * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
+    grad_loc[1] = <floating>(H * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
+
+
 cdef inline void _backward_block(Py_ssize_t D,
                                  const floating* g, const int64_t* geo_k, const int* inside, const double* geo,
                                  const floating** v, floating** gv, Py_ssize_t npts,
-                                 floating* grad_loc, floating* grad_attn, floating* weights) noexcept nogil:
+                                 floating* grad_loc, floating* grad_attn) noexcept nogil:
     """Backward of ``npts`` in-map samples whose geometry _backward_row gathered.
 
     Sample j is point geo_k[j] of the row; geo[5j:5j+5] = (lx, ly, A, W, H); bit c of
-    inside[j] says corner c is in the map. Its corner rows are v[4j:4j+4] (value) and,
-    with ``gv``, gv[4j:4j+4] (grad_value, scattered into); corners outside the map read a
-    zero row and scatter into the task's scratch rows with weight 0. Without ``gv``
-    (the sparse backward), the corner weights go to weights[4 geo_k[j] + c] instead.
+    inside[j] says corner c is in the map. Its corner rows are v[4j:4j+4] (value) and
+    gv[4j:4j+4] (grad_value, scattered into); corners outside the map read a zero row
+    and scatter into the task's scratch rows with weight 0.
     First every sample's loads and scatters (partial sums kept), then every sample's
     scalar gradients: the loads of several samples are in flight together.
     """
     cdef Py_ssize_t j, c, k
-    cdef double lx, ly, hx, hy, a
+    cdef double lx, ly, a
     cdef double dots[4]
     cdef double w[4]
     cdef floating aw[4]
     cdef floating lanes[4 * _LANES * _BLOCK]
     for j in range(npts):
-        if gv == NULL:
-            if floating is float:
-                cyd_sample_dots_f(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], D,
-                                  lanes + 4 * _LANES * j)
-            else:
-                cyd_sample_dots_d(g, v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], D,
-                                  lanes + 4 * _LANES * j)
-            continue
         lx = geo[5 * j]
         ly = geo[5 * j + 1]
         a = geo[5 * j + 2]
@@ -487,45 +492,25 @@ cdef inline void _backward_block(Py_ssize_t D,
                                   gv[4 * j], gv[4 * j + 1], gv[4 * j + 2], gv[4 * j + 3],
                                   aw[0], aw[1], aw[2], aw[3], D, lanes + 4 * _LANES * j)
     for j in range(npts):
-        lx = geo[5 * j]
-        ly = geo[5 * j + 1]
-        a = geo[5 * j + 2]
-        hx = 1.0 - lx
-        hy = 1.0 - ly
-        w[0] = hy * hx
-        w[1] = hy * lx
-        w[2] = ly * hx
-        w[3] = ly * lx
         if floating is float:
             cyd_reduce_lanes_f(lanes + 4 * _LANES * j, dots)
         else:
             cyd_reduce_lanes_d(lanes + 4 * _LANES * j, dots)
         k = geo_k[j]
-        if gv == NULL:
-            for c in range(4):
-                weights[4 * k + c] = <floating>(a * w[c])
-        grad_attn[k] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
-        grad_loc[2 * k] = <floating>(geo[5 * j + 3] * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
-        grad_loc[2 * k + 1] = <floating>(geo[5 * j + 4] * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
+        _point_gradients(geo[5 * j], geo[5 * j + 1], geo[5 * j + 2], geo[5 * j + 3], geo[5 * j + 4], dots,
+                         grad_attn + k, grad_loc + 2 * k)
 
 
 cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm, const floating* zeros,
                                floating* scratch, int64_t row_stride, const int64_t* shapes,
                                const int64_t* starts, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
                                const floating* g, const floating* loc, const floating* attn,
-                               floating* grad_loc, floating* grad_attn, Py_ssize_t M, int64_t key_nm,
-                               int64_t* keys, floating* weights) noexcept nogil:
-    """Gradients of one (n, q, m) row.
-
-    Dense (``grad_value_nm`` given): accumulates into grad_value_nm (owned by the
-    caller's task); ``scratch`` is 4 rows of D owned by the task, where corners outside
-    the map scatter (weight 0), so the inner loop needs no branch.
-    Sparse (``grad_value_nm`` NULL, _backward_sparse's phase 1): scatters nothing and
-    fills the row's 4 L P slots instead: keys[4k + c], the grad_value row (in units of
-    D) of corner c of point k, or -1; weights[4k + c], its weight. ``key_nm`` is the key
-    of position 0, n S M + m.
-    The row's samples are handled in blocks: first their geometry, with a prefetch of
-    every corner row (so the misses overlap), then the channel loops.
+                               floating* grad_loc, floating* grad_attn) noexcept nogil:
+    """Gradients of one (n, q, m) row of the dense backward: accumulates into
+    grad_value_nm (owned by the caller's task); ``scratch`` is 4 rows of D owned by the
+    task, where corners outside the map scatter (weight 0), so the inner loop needs no
+    branch. The row's samples are handled in blocks: first their geometry, with a
+    prefetch of every corner row (so the misses overlap), then the channel loops.
     """
     cdef Py_ssize_t l, p, c, k
     cdef int64_t idx[4]
@@ -536,7 +521,6 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
     cdef int inside[_BLOCK]
     cdef const floating* v[4 * _BLOCK]
     cdef floating* gv[4 * _BLOCK]
-    cdef floating** gv_or_null = gv if grad_value_nm != NULL else NULL
     cdef Py_ssize_t npts = 0
     for l in range(L):
         for p in range(P):
@@ -547,9 +531,6 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
                 grad_attn[k] = NAN if status < 0 else 0
                 grad_loc[2 * k] = grad_attn[k]
                 grad_loc[2 * k + 1] = grad_attn[k]
-                if grad_value_nm == NULL:
-                    for c in range(4):
-                        keys[4 * k + c] = -1
                 continue
             geo_k[npts] = k
             geo[5 * npts] = lx
@@ -562,24 +543,18 @@ cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm
                 if idx[c] >= 0:
                     inside[npts] |= 1 << c
                     v[4 * npts + c] = value_nm + (starts[l] + idx[c]) * row_stride
+                    gv[4 * npts + c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
                     cyd_prefetch_row(v[4 * npts + c])
-                    if grad_value_nm != NULL:
-                        gv[4 * npts + c] = grad_value_nm + (starts[l] + idx[c]) * row_stride
-                        cyd_prefetch_row(gv[4 * npts + c])
-                    else:
-                        keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M
+                    cyd_prefetch_row(gv[4 * npts + c])
                 else:
                     v[4 * npts + c] = zeros
-                    if grad_value_nm != NULL:
-                        gv[4 * npts + c] = scratch + c * D
-                    else:
-                        keys[4 * k + c] = -1
+                    gv[4 * npts + c] = scratch + c * D
             npts += 1
             if npts == _BLOCK:
-                _backward_block(D, g, geo_k, inside, geo, v, gv_or_null, npts, grad_loc, grad_attn, weights)
+                _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
                 npts = 0
     if npts > 0:
-        _backward_block(D, g, geo_k, inside, geo, v, gv_or_null, npts, grad_loc, grad_attn, weights)
+        _backward_block(D, g, geo_k, inside, geo, v, gv, npts, grad_loc, grad_attn)
 
 
 # Query chunks of the backward, per image: each chunk scatters into its own grad_value
@@ -649,8 +624,7 @@ cdef inline void _backward_head_rows(const floating* value_m, floating* grad_val
         _rows_in(b_attn, attn, LP, r, M, nb)
         for j in range(nb):
             _backward_row(value_m, grad_value_m, zeros, scratch, D, shapes, starts, L, P, D, b_g + j * D,
-                          b_loc + j * 2 * LP, b_attn + j * LP, b_gloc + j * 2 * LP, b_gattn + j * LP,
-                          M, 0, NULL, NULL)
+                          b_loc + j * 2 * LP, b_attn + j * LP, b_gloc + j * 2 * LP, b_gattn + j * LP)
         _rows_out(grad_loc, b_gloc, 2 * LP, r, M, nb)
         _rows_out(grad_attn, b_gattn, LP, r, M, nb)
 
@@ -702,7 +676,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
                 _backward_row(value + n * S * M * D + m * D, gv + m * D, zeros,
                               scratch + t * 4 * D, M * D, shapes, starts, L, P, D, grad_out + r * D,
                               loc + r * L * P * 2, attn + r * L * P,
-                              grad_loc + r * L * P * 2, grad_attn + r * L * P, M, 0, NULL, NULL)
+                              grad_loc + r * L * P * 2, grad_attn + r * L * P)
     if by_head:
         _from_heads(extra, K, grad_value, N, S, M, D, threads)
     elif K > 1:
@@ -714,23 +688,33 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 
 # ------------------------------------------------------------------------ sparse backward
 # For calls with few samples per value position (a decoder call: 300 queries x 16
-# samples against 22223 positions), the dense backward's scatters each land on a cold
-# row of a freshly zeroed 22.7 MB grad_value. Instead, cache-blocked:
-# 1. rows (n, q, m) in parallel: geometry, value gathers and the four dot products give
-#    grad_loc and grad_attn; each corner's grad_value row ("key", -1 outside the map)
-#    and weight A w_c go to a fixed slot; slot order is (n, q, m, l, p, corner);
+# samples against 22223 positions), the dense backward's gathers and scatters each land
+# on a cold row of value and of a freshly zeroed 22.7 MB grad_value, in random order.
+# Instead, everything that touches value or grad_value is done block by block:
+# 1. rows (n, q, m) in parallel, geometry only (no value reads): each corner's
+#    grad_value row ("key", -1 outside the map) and weight A w_c go to a fixed slot,
+#    slot order (n, q, m, l, p, corner); each point's (lx, ly) is kept;
 # 2. the slots bucketed, stably, by block of grad_value rows (_SPARSE_BLOCK_BYTES of
 #    grad_value each, so a block stays in L2): each thread counts (during 1) and places
 #    the slots of its own rows, blocks filled thread after thread;
-# 3. per block, one range of blocks per thread (ranges of about equal work): its rows
-#    zeroed, then its slots added in slot order.
-# So grad_value is written once by the thread that owns the block, with its scatters
-# in cache; there is no separate zeroing pass. A grad_value element is summed over q
-# ascending, then l, p, exactly as in the dense backward with one query chunk: both
-# methods give the same bits (tests/test_cpu.py).
+# 3. per block, one range of blocks per thread (ranges of about equal work, _split_blocks):
+#    the block summed in a per-thread buffer, zeroed first, then for each of its slots
+#    in slot order the dot product g . value[key] (kept per slot) and buf[key] += A w_c g;
+#    then the buffer streamed out to grad_value with non-temporal stores (no read of
+#    grad_value's cold lines first, half the memory traffic of zeroing it in place).
+#    value's rows of the next block are prefetched in address order meanwhile, so a
+#    thread reads value and writes grad_value one block at a time, not in random order
+#    over all of each;
+# 4. rows in parallel: each point's location and weight gradients from its four dots.
+# A grad_value element is summed over q ascending, then l, p, exactly as in the dense
+# backward with one query chunk, and each dot has the dense backward's lanes and
+# reduction: both methods give the same bits (tests/test_cpu.py). Measured against the
+# previous method (dots in phase 1 from random gathers, grad_value zeroed and added to
+# in place): benchmarks/cpu_log.md, 17-19.
 
 cdef enum:
     _SPARSE_BLOCK_BYTES = 128 * 1024
+    _SPARSE_AHEAD = 8  # slots between a value row's prefetch and its use in phase 3
 
 
 cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
@@ -760,6 +744,95 @@ cdef inline bint _sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_s
 def sparse_applies(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):
     """Internal: whether backward() picks the sparse method for this image shape."""
     return _sparse_applies(S, Lq, L, P)
+
+
+cdef inline Py_ssize_t _sparse_bufs_bytes(Py_ssize_t D, Py_ssize_t itemsize, int threads) noexcept nogil:
+    """Bytes of the per-thread block buffers at the start of the work area, rounded up to 64."""
+    return (threads * (D * itemsize << _sparse_block_shift(D, itemsize)) + 63) // 64 * 64
+
+
+cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
+                                          Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P, Py_ssize_t itemsize,
+                                          int threads) noexcept nogil:
+    """Bytes of _backward_sparse's work area (see there)."""
+    cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
+    cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
+    return (_sparse_bufs_bytes(D, itemsize, threads)
+            + 8 * (4 * slots + slots // 2 + B + 1 + threads * B + threads + 1) + 2 * itemsize * slots)
+
+
+def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
+                      Py_ssize_t P, Py_ssize_t itemsize, int threads):
+    """Internal: bytes of the sparse backward's work area."""
+    return _sparse_work_bytes(N, S, M, D, Lq, L, P, itemsize, threads)
+
+
+cdef inline void _sparse_row(const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
+                             const floating* loc, const floating* attn, floating* grad_loc, floating* grad_attn,
+                             Py_ssize_t M, int64_t key_nm, int64_t* keys, floating* weights,
+                             double* geo) noexcept nogil:
+    """Phase 1 of the sparse backward for one (n, q, m) row: keys[4k + c], the grad_value
+    row (in units of D) of corner c of point k, or -1 outside the map; weights[4k + c],
+    its weight A w_c; geo[2k : 2k + 2] = (lx, ly), or lx = -1 for a point whose cell holds
+    no texel or whose location is not finite, whose gradients are final here (zero, or
+    NaN). ``key_nm`` is the key of position 0, n S M + m."""
+    cdef Py_ssize_t l, p, c, k
+    cdef int64_t idx[4]
+    cdef double lx, ly, a
+    cdef double w[4]
+    cdef int status
+    for l in range(L):
+        for p in range(P):
+            k = l * P + p
+            status = _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
+            if status <= 0:
+                grad_attn[k] = NAN if status < 0 else 0
+                grad_loc[2 * k] = grad_attn[k]
+                grad_loc[2 * k + 1] = grad_attn[k]
+                geo[2 * k] = -1
+                for c in range(4):
+                    keys[4 * k + c] = -1
+                continue
+            geo[2 * k] = lx
+            geo[2 * k + 1] = ly
+            a = attn[k]
+            w[0] = (1.0 - ly) * (1.0 - lx)
+            w[1] = (1.0 - ly) * lx
+            w[2] = ly * (1.0 - lx)
+            w[3] = ly * lx
+            for c in range(4):
+                keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M if idx[c] >= 0 else -1
+                weights[4 * k + c] = <floating>(a * w[c])
+
+
+cdef inline void _sparse_gradients(const int64_t* shapes, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
+                                   const floating* g, const floating* attn, const floating* zeros,
+                                   const int64_t* where, const double* dots, const double* geo,
+                                   floating* grad_loc, floating* grad_attn) noexcept nogil:
+    """Phase 4 for one row: the location and weight gradients of its in-map points from
+    their corners' dots (where[4k + c]: the dot's index in ``dots``, -1 for a corner
+    outside the map, whose dot is g . 0 as with the dense backward's zero row)."""
+    cdef Py_ssize_t l, k, c
+    cdef double zero_dot = 0
+    cdef double d[4]
+    cdef bint have_zero_dot = False
+    for k in range(L * P):
+        if geo[2 * k] < 0:
+            continue
+        for c in range(4):
+            if where[4 * k + c] >= 0:
+                d[c] = dots[where[4 * k + c]]
+            else:
+                if not have_zero_dot:
+                    if floating is float:
+                        zero_dot = cyd_dot_f(g, zeros, D)
+                    else:
+                        zero_dot = cyd_dot_d(g, zeros, D)
+                    have_zero_dot = True
+                d[c] = zero_dot
+        l = k // P
+        _point_gradients(geo[2 * k], geo[2 * k + 1], attn[k], <double>shapes[2 * l + 1], <double>shapes[2 * l], d,
+                         grad_attn + k, grad_loc + 2 * k)
 
 
 cdef void _split_blocks(const int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift, int threads,
@@ -792,33 +865,60 @@ def split_blocks(const int64_t[::1] block_first, Py_ssize_t rows, int shift, int
     return first_block
 
 
+cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_ssize_t count) noexcept nogil:
+    """Prefetches up to ``count`` 64-byte lines from ``ahead`` (not past ``end``); returns where it stopped."""
+    cdef Py_ssize_t j
+    for j in range(count):
+        if ahead >= end:
+            break
+        __builtin_prefetch(ahead)
+        ahead += 64
+    return ahead
+
+
 cdef void _backward_sparse(const floating* grad_out, const floating* value, const int64_t* shapes,
                            const int64_t* starts, const floating* loc, const floating* attn,
                            floating* grad_value, floating* grad_loc, floating* grad_attn,
-                           const floating* zeros, int64_t* keys, floating* weights, int64_t* block_first,
-                           int64_t* cursor, int64_t* sorted_key, int64_t* sorted_src, floating* sorted_w,
-                           int threads, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
-                           Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
-    """Work arrays: keys, weights, sorted_key, sorted_src, sorted_w of 4 N Lq M L P slots;
-    block_first of B + 1 and cursor of ``threads`` x B + ``threads`` + 1 entries, B =
-    sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
+                           const floating* zeros, char* work, int threads, Py_ssize_t N, Py_ssize_t S,
+                           Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+    """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned, for keys, sorted_key,
+    sorted_slot (int64) and dots (double) of 4 N Lq M L P slots, geo (2 doubles a point),
+    block_first (B + 1) and cursor (``threads`` x B + ``threads`` + 1, int64), then weights and sorted_w
+    (floating, a slot each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be
+    zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
+    cdef Py_ssize_t slots = 4 * R * LP
     cdef int shift = _sparse_block_shift(D, sizeof(floating))
     cdef Py_ssize_t B = _sparse_blocks(NB, D, sizeof(floating))
+    cdef floating* block_bufs = <floating*>work
+    cdef int64_t* keys = <int64_t*>(work + _sparse_bufs_bytes(D, sizeof(floating), threads))
+    cdef int64_t* sorted_key = keys + slots
+    cdef int64_t* sorted_slot = sorted_key + slots
+    cdef double* dots = <double*>(sorted_slot + slots)
+    cdef double* geo = dots + slots
+    cdef int64_t* block_first = <int64_t*>(geo + slots // 2)
+    cdef int64_t* cursor = block_first + B + 1
+    cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
+    cdef floating* sorted_w = weights + slots
     cdef Py_ssize_t r, n, m, t, j, e, key, blk, lo, hi, pos, row_lo, row_hi, count
+    cdef const floating* g
     cdef int64_t* mine
+    cdef const char* ahead
+    cdef const char* ahead_end
+    cdef Py_ssize_t step
+    cdef floating* buf
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
-    # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: gradients of the locations and
-    #    weights, the slots, and in cursor[t B + blk] how many of its slots fall in blk.
+    # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: the slots and geometry, and in
+    #    cursor[t B + blk] how many of its slots fall in blk.
     for t in prange(threads, schedule="static", num_threads=threads):
         mine = cursor + t * B
         memset(mine, 0, B * sizeof(int64_t))
         for r in range(t * R // threads, (t + 1) * R // threads):
             n = r // (Lq * M)
             m = r % M
-            _backward_row(value + n * S * M * D + m * D, NULL, zeros, NULL, M * D, shapes, starts, L, P, D,
-                          grad_out + r * D, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
-                          grad_attn + r * LP, M, n * S * M + m, keys + r * LP * 4, weights + r * LP * 4)
+            _sparse_row(shapes, starts, L, P, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
+                        grad_attn + r * LP, M, n * S * M + m, keys + r * LP * 4, weights + r * LP * 4,
+                        geo + r * LP * 2)
             for j in range(LP * 4):
                 key = keys[r * LP * 4 + j]
                 if key >= 0:
@@ -846,19 +946,39 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                     pos = mine[blk]
                     mine[blk] = pos + 1
                     sorted_key[pos] = key
-                    sorted_src[pos] = r
+                    sorted_slot[pos] = e
                     sorted_w[pos] = weights[e]
-    # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each zeroed, then its slots added.
+                    keys[e] = pos  # from here on, where the slot's dot goes
+    # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each summed in the thread's
+    #    buffer (the slots' dots and scatters) and streamed out to grad_value.
     for t in prange(threads, schedule="static", num_threads=threads):
+        buf = block_bufs + t * (D << shift)
         for blk in range(first_block[t], first_block[t + 1]):
             row_lo = blk << shift
-            row_hi = min(NB, (blk + 1) << shift)
-            memset(grad_value + row_lo * D, 0, (row_hi - row_lo) * D * sizeof(floating))
-            for pos in range(block_first[blk], block_first[blk + 1]):
+            row_hi = min(NB, row_lo + (1 << shift))
+            memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
+            lo = block_first[blk]
+            hi = block_first[blk + 1]
+            # The next block's value rows, in address order, spread over this block's slots.
+            ahead = <const char*>(value + row_hi * D)
+            ahead_end = <const char*>(value + min(NB, row_hi + (1 << shift)) * D)
+            step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
+            for pos in range(lo, hi):
+                ahead = _prefetch_lines(ahead, ahead_end, step)
+                key = sorted_key[pos]
+                e = sorted_slot[pos]
+                g = grad_out + (e // (4 * LP)) * D
                 if floating is float:
-                    cyd_axpy_f(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
+                    dots[pos] = cyd_dot_f(g, value + key * D, D)
+                    cyd_axpy_f(buf + (key - row_lo) * D, sorted_w[pos], g, D)
                 else:
-                    cyd_axpy_d(grad_value + sorted_key[pos] * D, sorted_w[pos], grad_out + sorted_src[pos] * D, D)
+                    dots[pos] = cyd_dot_d(g, value + key * D, D)
+                    cyd_axpy_d(buf + (key - row_lo) * D, sorted_w[pos], g, D)
+            cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
+    # 4. Rows in parallel: the location and weight gradients.
+    for r in prange(R, schedule="static", num_threads=threads):
+        _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
+                          dots, geo + r * LP * 2, grad_loc + r * LP * 2, grad_attn + r * LP)
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
              sampling_locations, attention_weights, buffers=None, method=None, layout=None, work=None):
@@ -887,26 +1007,16 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     if method == "sparse":
         # Written whole by the sparse backward: no zeroing.
         grad_value = _aligned_empty(value.shape, value.dtype)
-        slots = 4 * N * Lq * M * L * P
-        blocks = sparse_blocks(N * S * M, D, value.itemsize)
-        keys = np.empty(slots, dtype=np.int64)
-        sorted_key = np.empty(slots, dtype=np.int64)
-        sorted_src = np.empty(slots, dtype=np.int64)
-        weights = np.empty(slots, dtype=value.dtype)
-        sorted_w = np.empty(slots, dtype=value.dtype)
         threads = _threads(N * Lq * M * L * P * D)
-        block_first = np.empty(blocks + 1, dtype=np.int64)
-        cursor = np.empty(threads * blocks + threads + 1, dtype=np.int64)
+        work_area = _aligned_empty(sparse_work_bytes(N, S, M, D, Lq, L, P, value.itemsize, threads) // 8, np.int64)
         if value.dtype == np.float32:
             _backward_sparse_typed[float](grad_output, value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights, grad_value, grad_loc,
-                                          grad_attn, zeros, keys, weights, block_first, cursor, sorted_key,
-                                          sorted_src, sorted_w, threads)
+                                          grad_attn, zeros, work_area, threads)
         else:
             _backward_sparse_typed[double](grad_output, value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights, grad_value, grad_loc,
-                                           grad_attn, zeros, keys, weights, block_first, cursor, sorted_key,
-                                           sorted_src, sorted_w, threads)
+                                           grad_attn, zeros, work_area, threads)
         return grad_value, grad_loc, grad_attn
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     threads = _threads(N * Lq * M * L * P * D)  # read once: the scratch is sized for it
@@ -970,17 +1080,14 @@ cdef _backward_sparse_typed(const floating[:, :, ::1] grad_out, const floating[:
                             const floating[:, :, :, :, :, ::1] loc, const floating[:, :, :, :, ::1] attn,
                             floating[:, :, :, ::1] grad_value, floating[:, :, :, :, :, ::1] grad_loc,
                             floating[:, :, :, :, ::1] grad_attn, const floating[::1] zeros,
-                            int64_t[::1] keys, floating[::1] weights, int64_t[::1] block_first,
-                            int64_t[::1] cursor, int64_t[::1] sorted_key, int64_t[::1] sorted_src,
-                            floating[::1] sorted_w, int threads):
+                            int64_t[::1] work, int threads):
     cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
     cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
     with nogil:
         _backward_sparse(&grad_out[0, 0, 0], &value[0, 0, 0, 0], &shapes[0, 0], &starts[0],
                          &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0],
-                         &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0], &keys[0],
-                         &weights[0], &block_first[0], &cursor[0], &sorted_key[0], &sorted_src[0],
-                         &sorted_w[0], threads, N, S, M, D, Lq, L, P)
+                         &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
+                         <char*>&work[0], threads, N, S, M, D, Lq, L, P)
 
 
 # --------------------------------------------------------------------------- measured floor
@@ -1070,10 +1177,9 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     """Internal (benchmark floor). value (N, S, M, D); ``rows`` (N*Lq*M, K = 4 L P)
     element offsets into value of the corner rows each output row (n, q, m) gathers
     (-1: a corner outside the map). Returns the (N*Lq*M, D) sums; with ``backward``,
-    also returns a grad_value shaped like value: for a call the backward does densely,
-    every gathered row added into it with the op backward's buffers and task layout;
-    for a sparse one (sparse_applies, which needs only L P = K / 4), only written once
-    with zeros in parallel: the sparse method's one pass over it.
+    also returns a grad_value shaped like value: every gathered row added into it with the
+    op backward's buffers and task layout (a dense backward only: for a call whose
+    backward is sparse, sparse_applies with L P = K / 4, see sparse_floor).
     ``heads``: value is the op's head-major copy (N, M, S, D), rows (and the sums) are
     in (n, m, q) order and index it (cydeform.bench.floor.corner_rows(heads=True)), and
     they run in the head-major path's order and buffers; ``work`` as in backward(), for
@@ -1086,13 +1192,7 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     Lq = R // (N * M)
     K = rows.shape[1]
     if backward and sparse_applies(S, Lq, K // 4, 1):
-        out = gather_floor(value, rows, heads=heads)
-        grad = np.empty((N, S, M, D), dtype=value.dtype)
-        if value.dtype == np.float32:
-            _zero_parallel[float](grad.reshape(-1), R * K * D // 4)
-        else:
-            _zero_parallel[double](grad.reshape(-1), R * K * D // 4)
-        return out, grad
+        raise ValueError("this call's backward is sparse: its floor is sparse_floor")
     out = np.empty((R, D), dtype=value.dtype)
     zeros = np.zeros(D, dtype=value.dtype)
     ones = np.ones(_BLOCK * 4, dtype=value.dtype)
@@ -1113,14 +1213,67 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     return (out, grad) if backward else out
 
 
-cdef _zero_parallel(floating[::1] a, int64_t work):
-    """a[:] = 0 in blocks of _SPARSE_BLOCK_BYTES over the threads a call of ``work`` uses."""
-    cdef Py_ssize_t n = a.shape[0], per = _SPARSE_BLOCK_BYTES // sizeof(floating), b, lo
-    cdef int threads = _threads(work)
+def sparse_floor(value, const int64_t[::1] offsets, const int64_t[::1] block_first):
+    """Internal (benchmark floor of a sparse backward): the sparse method's memory traffic,
+    its phase 3 without the dot products and weights. value (N, S, M, D); ``offsets``:
+    element offsets into value of every in-map corner row, in the method's slot order
+    bucketed stably by block (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1):
+    where each block's slots start. Per block, with the op's split over threads, prefetch
+    and buffers: value's row at each offset added into a zeroed per-thread buffer, which
+    is then streamed out. Returns that grad shaped like value (each row: its value row
+    times the number of slots at it). Internal: the offsets are not checked (they must lie
+    in their blocks), as the op's internal arrays are not."""
+    N, S, M, D = value.shape
+    shift = _sparse_block_shift(D, value.itemsize)
+    B = block_first.shape[0] - 1
+    if B != _sparse_blocks(N * S * M, D, value.itemsize) or block_first[B] != offsets.shape[0]:
+        raise ValueError("block_first does not match value's blocks and the offsets")
+    threads = _threads(offsets.shape[0] * D)
+    grad = _aligned_empty(value.shape, value.dtype)
+    bufs = _aligned_empty(threads * (D << shift), value.dtype)
+    first_block = np.empty(threads + 1, dtype=np.int64)
+    if value.dtype == np.float32:
+        _sparse_floor_typed[float](value.reshape(-1), offsets, block_first, grad.reshape(-1), bufs, first_block,
+                                   D, shift, threads)
+    else:
+        _sparse_floor_typed[double](value.reshape(-1), offsets, block_first, grad.reshape(-1), bufs, first_block,
+                                    D, shift, threads)
+    return grad
+
+
+def sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize):
+    """Internal: log2 of the grad_value rows per block of the sparse backward."""
+    return _sparse_block_shift(D, itemsize)
+
+
+cdef _sparse_floor_typed(const floating[::1] value, const int64_t[::1] offsets, const int64_t[::1] block_first,
+                         floating[::1] grad, floating[::1] bufs, int64_t[::1] first_block, Py_ssize_t D,
+                         int shift, int threads):
+    cdef Py_ssize_t NB = value.shape[0] // D
+    cdef Py_ssize_t B = block_first.shape[0] - 1, t, blk, row_lo, row_hi, pos, off
+    cdef floating* buf
+    cdef const char* ahead
+    cdef const char* ahead_end
+    cdef Py_ssize_t step
     with nogil:
-        for b in prange((n + per - 1) // per, schedule="static", num_threads=threads):
-            lo = b * per
-            memset(&a[0] + lo, 0, min(per, n - lo) * sizeof(floating))
+        _split_blocks(&block_first[0], B, NB, shift, threads, &first_block[0])
+        for t in prange(threads, schedule="static", num_threads=threads):
+            buf = &bufs[0] + t * (D << shift)
+            for blk in range(first_block[t], first_block[t + 1]):
+                row_lo = blk << shift
+                row_hi = min(NB, row_lo + (1 << shift))
+                memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
+                ahead = <const char*>(&value[0] + row_hi * D)
+                ahead_end = <const char*>(&value[0] + min(NB, row_hi + (1 << shift)) * D)
+                step = (ahead_end - ahead) // 64 // max(1, block_first[blk + 1] - block_first[blk]) + 1
+                for pos in range(block_first[blk], block_first[blk + 1]):
+                    ahead = _prefetch_lines(ahead, ahead_end, step)
+                    off = offsets[pos]
+                    if floating is float:
+                        cyd_axpy_f(buf + off - row_lo * D, 1, &value[0] + off, D)
+                    else:
+                        cyd_axpy_d(buf + off - row_lo * D, 1, &value[0] + off, D)
+                cyd_stream_copy(&grad[0] + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
 
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,
@@ -1228,32 +1381,16 @@ cdef int _c_backward_sparse(const floating* grad_out, const floating* value, con
                             const int64_t* starts, const floating* loc, const floating* attn,
                             floating* grad_value, floating* grad_loc, floating* grad_attn, int64_t N,
                             int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
-    # The work arrays of backward()'s sparse method.
-    cdef int64_t slots = 4 * N * Lq * M * L * P
-    cdef int64_t blocks = _sparse_blocks(N * S * M, D, sizeof(floating))
-    cdef int64_t* keys = <int64_t*>malloc(slots * sizeof(int64_t))
-    cdef int64_t* sorted_key = <int64_t*>malloc(slots * sizeof(int64_t))
-    cdef int64_t* sorted_src = <int64_t*>malloc(slots * sizeof(int64_t))
-    cdef floating* weights = <floating*>malloc(slots * sizeof(floating))
-    cdef floating* sorted_w = <floating*>malloc(slots * sizeof(floating))
-    cdef int64_t* block_first = <int64_t*>malloc((blocks + 1) * sizeof(int64_t))
+    # The work area of backward()'s sparse method (malloc's alignment is enough).
     cdef int threads = _threads(N * Lq * M * L * P * D)
-    cdef int64_t* cursor = <int64_t*>malloc((threads * blocks + threads + 1) * sizeof(int64_t))
+    cdef char* work = <char*>malloc(_sparse_work_bytes(N, S, M, D, Lq, L, P, sizeof(floating), threads))
     cdef floating* zeros = <floating*>calloc(D, sizeof(floating))
     cdef int status = 1
-    if (keys != NULL and sorted_key != NULL and sorted_src != NULL and weights != NULL
-            and sorted_w != NULL and block_first != NULL and cursor != NULL and zeros != NULL):
+    if work != NULL and zeros != NULL:
         _backward_sparse(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
-                         zeros, keys, weights, block_first, cursor, sorted_key, sorted_src, sorted_w,
-                         threads, N, S, M, D, Lq, L, P)
+                         zeros, work, threads, N, S, M, D, Lq, L, P)
         status = 0
-    free(keys)
-    free(sorted_key)
-    free(sorted_src)
-    free(weights)
-    free(sorted_w)
-    free(block_first)
-    free(cursor)
+    free(work)
     free(zeros)
     return status
 

@@ -20,6 +20,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #define restrict __restrict  /* MSVC's C mode spells C99 restrict this way */
@@ -33,6 +34,33 @@
 #else
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
+
+/* dst[0:n] = src[0:n] (bytes), the 64-byte-aligned part of dst with non-temporal stores
+ * where the compiler can spell them: written straight to memory, without first reading
+ * the destination's lines into the cache (half the memory traffic of a plain copy into
+ * cold memory) and without evicting what the cache holds. Ends with a store fence, so
+ * the data is ordered before whatever the caller does next (another thread may read it
+ * after the parallel region's barrier). */
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>  /* SSE2, part of x86-64: non-temporal 16-byte stores */
+#endif
+static inline void cyd_stream_copy(void *dst, const void *src, size_t n) {
+#if defined(__x86_64__) || defined(_M_X64)
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+    size_t head = (size_t)((64 - (uintptr_t)d % 64) % 64);
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head; s += head; n -= head;
+    for (; n >= 64; n -= 64, d += 64, s += 64)
+        for (int k = 0; k < 64; k += 16)
+            _mm_stream_si128((__m128i *)(d + k), _mm_loadu_si128((const __m128i *)(s + k)));
+    memcpy(d, s, n);
+    _mm_sfence();
+#else
+    memcpy(dst, src, n);
+#endif
+}
 
 #if defined(__GNUC__)
 /* ------------------------------------------------------------------ vector types */
@@ -91,15 +119,14 @@ static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restric
  *   lanes[8c + j] = sum_{d = j mod 8} g[d] vc[d]   (partial sums of the four dot products   \
  *                                                    every scalar gradient needs; the tail   \
  *                                                    d >= D - D % 8 goes to lane 0)          \
- *   gvc[d] += awc g[d]                  (scatter into the four corner rows of grad_value,    \
- *                                        if ``scatter``)                                     \
+ *   gvc[d] += awc g[d]                  (scatter into the four corner rows of grad_value)    \
  * cyd_reduce_lanes sums the lanes later: a block's samples first all issue their loads,     \
  * then all reduce, so more of their cache misses overlap (measured 2026-12-03). */          \
 static inline void cyd_sample_pass_##SUF(                                                     \
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
         T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
-        T *restrict lanes, int scatter) {                                                     \
+        T *restrict lanes) {                                                                  \
     cyd_lanes_##SUF a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                   \
     ptrdiff_t d = 0;                                                                          \
     for (; d + CYD_LANES <= D; d += CYD_LANES) {                                              \
@@ -108,12 +135,10 @@ static inline void cyd_sample_pass_##SUF(                                       
         a1 += gd * cyd_load_##SUF(v1 + d);                                                    \
         a2 += gd * cyd_load_##SUF(v2 + d);                                                    \
         a3 += gd * cyd_load_##SUF(v3 + d);                                                    \
-        if (scatter) {                                                                        \
-            cyd_store_##SUF(gv0 + d, cyd_load_##SUF(gv0 + d) + aw0 * gd);                     \
-            cyd_store_##SUF(gv1 + d, cyd_load_##SUF(gv1 + d) + aw1 * gd);                     \
-            cyd_store_##SUF(gv2 + d, cyd_load_##SUF(gv2 + d) + aw2 * gd);                     \
-            cyd_store_##SUF(gv3 + d, cyd_load_##SUF(gv3 + d) + aw3 * gd);                     \
-        }                                                                                     \
+        cyd_store_##SUF(gv0 + d, cyd_load_##SUF(gv0 + d) + aw0 * gd);                         \
+        cyd_store_##SUF(gv1 + d, cyd_load_##SUF(gv1 + d) + aw1 * gd);                         \
+        cyd_store_##SUF(gv2 + d, cyd_load_##SUF(gv2 + d) + aw2 * gd);                         \
+        cyd_store_##SUF(gv3 + d, cyd_load_##SUF(gv3 + d) + aw3 * gd);                         \
     }                                                                                         \
     for (; d < D; ++d) {                                                                      \
         T gj = g[d];                                                                          \
@@ -121,17 +146,30 @@ static inline void cyd_sample_pass_##SUF(                                       
         a1[0] += gj * v1[d];                                                                  \
         a2[0] += gj * v2[d];                                                                  \
         a3[0] += gj * v3[d];                                                                  \
-        if (scatter) {                                                                        \
-            gv0[d] += aw0 * gj;                                                               \
-            gv1[d] += aw1 * gj;                                                               \
-            gv2[d] += aw2 * gj;                                                               \
-            gv3[d] += aw3 * gj;                                                               \
-        }                                                                                     \
+        gv0[d] += aw0 * gj;                                                                   \
+        gv1[d] += aw1 * gj;                                                                   \
+        gv2[d] += aw2 * gj;                                                                   \
+        gv3[d] += aw3 * gj;                                                                   \
     }                                                                                         \
     cyd_store_##SUF(lanes, a0);                                                               \
     cyd_store_##SUF(lanes + CYD_LANES, a1);                                                   \
     cyd_store_##SUF(lanes + 2 * CYD_LANES, a2);                                               \
     cyd_store_##SUF(lanes + 3 * CYD_LANES, a3);                                               \
+}                                                                                             \
+/* One corner's dot product g . v for the sparse backward, summed as cyd_sample_pass sums     \
+ * it (lanes in d order, the tail in lane 0) and reduced as cyd_reduce_lanes does: the same  \
+ * bits as that corner's dots[c]. */                                                          \
+static inline double cyd_dot_##SUF(const T *restrict g, const T *restrict v, ptrdiff_t D) {   \
+    cyd_lanes_##SUF a = {0};                                                                  \
+    ptrdiff_t d = 0;                                                                          \
+    for (; d + CYD_LANES <= D; d += CYD_LANES)                                                \
+        a += cyd_load_##SUF(g + d) * cyd_load_##SUF(v + d);                                   \
+    for (; d < D; ++d) a[0] += g[d] * v[d];                                                   \
+    T lanes[CYD_LANES];                                                                       \
+    cyd_store_##SUF(lanes, a);                                                                \
+    double s = 0;                                                                             \
+    for (int j = 0; j < CYD_LANES; ++j) s += lanes[j];                                        \
+    return s;                                                                                 \
 }                                                                                             \
 /* out[d] += w x[d]: one corner's scatter of the sparse backward, the same arithmetic as     \
  * cyd_sample_backward's gv[d] += aw g[d]. */                                                 \
@@ -159,7 +197,7 @@ static inline void cyd_sample_pass_##SUF(                                       
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
         T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
-        T *restrict lanes, int scatter) {                                                     \
+        T *restrict lanes) {                                                                  \
     T a0[CYD_LANES] = {0}, a1[CYD_LANES] = {0}, a2[CYD_LANES] = {0}, a3[CYD_LANES] = {0};     \
     ptrdiff_t D8 = D - D % CYD_LANES, d;                                                      \
     for (d = 0; d < D8; d += CYD_LANES)                                                       \
@@ -169,12 +207,10 @@ static inline void cyd_sample_pass_##SUF(                                       
             a1[j] += gj * v1[d + j];                                                          \
             a2[j] += gj * v2[d + j];                                                          \
             a3[j] += gj * v3[d + j];                                                          \
-            if (scatter) {                                                                    \
-                gv0[d + j] += aw0 * gj;                                                       \
-                gv1[d + j] += aw1 * gj;                                                       \
-                gv2[d + j] += aw2 * gj;                                                       \
-                gv3[d + j] += aw3 * gj;                                                       \
-            }                                                                                 \
+            gv0[d + j] += aw0 * gj;                                                           \
+            gv1[d + j] += aw1 * gj;                                                           \
+            gv2[d + j] += aw2 * gj;                                                           \
+            gv3[d + j] += aw3 * gj;                                                           \
         }                                                                                     \
     for (; d < D; ++d) {                                                                      \
         T gj = g[d];                                                                          \
@@ -182,17 +218,25 @@ static inline void cyd_sample_pass_##SUF(                                       
         a1[0] += gj * v1[d];                                                                  \
         a2[0] += gj * v2[d];                                                                  \
         a3[0] += gj * v3[d];                                                                  \
-        if (scatter) {                                                                        \
-            gv0[d] += aw0 * gj;                                                               \
-            gv1[d] += aw1 * gj;                                                               \
-            gv2[d] += aw2 * gj;                                                               \
-            gv3[d] += aw3 * gj;                                                               \
-        }                                                                                     \
+        gv0[d] += aw0 * gj;                                                                   \
+        gv1[d] += aw1 * gj;                                                                   \
+        gv2[d] += aw2 * gj;                                                                   \
+        gv3[d] += aw3 * gj;                                                                   \
     }                                                                                         \
     for (int j = 0; j < CYD_LANES; ++j) {                                                     \
         lanes[j] = a0[j]; lanes[CYD_LANES + j] = a1[j];                                       \
         lanes[2 * CYD_LANES + j] = a2[j]; lanes[3 * CYD_LANES + j] = a3[j];                   \
     }                                                                                         \
+}                                                                                             \
+static inline double cyd_dot_##SUF(const T *restrict g, const T *restrict v, ptrdiff_t D) {   \
+    T a[CYD_LANES] = {0};                                                                     \
+    ptrdiff_t D8 = D - D % CYD_LANES, d;                                                      \
+    for (d = 0; d < D8; d += CYD_LANES)                                                       \
+        for (int j = 0; j < CYD_LANES; ++j) a[j] += g[d + j] * v[d + j];                      \
+    for (; d < D; ++d) a[0] += g[d] * v[d];                                                   \
+    double s = 0;                                                                             \
+    for (int j = 0; j < CYD_LANES; ++j) s += a[j];                                            \
+    return s;                                                                                 \
 }                                                                                             \
 static inline void cyd_axpy_##SUF(T *restrict out, T w, const T *restrict x, ptrdiff_t D) {   \
     for (ptrdiff_t d = 0; d < D; ++d) out[d] += w * x[d];                                     \
@@ -205,14 +249,7 @@ static inline void cyd_sample_backward_##SUF(                                   
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
         T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
         T *restrict lanes) {                                                                  \
-    cyd_sample_pass_##SUF(g, v0, v1, v2, v3, gv0, gv1, gv2, gv3, aw0, aw1, aw2, aw3, D, lanes, 1); \
-}                                                                                             \
-/* The partial sums alone (same lanes, same order: the same bits), for the sparse            \
- * backward, which scatters later. */                                                         \
-static inline void cyd_sample_dots_##SUF(const T *restrict g, const T *restrict v0,           \
-        const T *restrict v1, const T *restrict v2, const T *restrict v3, ptrdiff_t D,        \
-        T *restrict lanes) {                                                                  \
-    cyd_sample_pass_##SUF(g, v0, v1, v2, v3, NULL, NULL, NULL, NULL, 0, 0, 0, 0, D, lanes, 0); \
+    cyd_sample_pass_##SUF(g, v0, v1, v2, v3, gv0, gv1, gv2, gv3, aw0, aw1, aw2, aw3, D, lanes);    \
 }                                                                                             \
 /* dots[c] = lanes[8c] + ... + lanes[8c + 7], in double, in lane order. */                    \
 static inline void cyd_reduce_lanes_##SUF(const T *restrict lanes, double *restrict dots) {   \

@@ -249,6 +249,45 @@ def test_sparse_and_dense_backward_give_the_same_bits(restore_threads, data, dty
             assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dtype,D,misalign", [(np.float32, 32, 4), (np.float32, 11, 12), (np.float64, 33, 8)])
+def test_sparse_backward_c_entry_point_writes_a_misaligned_grad_value(restore_threads, dtype, D, misalign):
+    """The C entry point (what cydeform.jax calls) writes grad_value wherever the caller's
+    buffer starts: the sparse method streams each block out with 64-byte-aligned
+    non-temporal stores and plain copies for the ends. Same bits as the NumPy path, and
+    the bytes around the buffer untouched."""
+    import ctypes
+
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(D)
+    shapes = np.array([[20, 30], [10, 15], [5, 8]], dtype=np.int64)
+    starts = np.array([0, 600, 750], dtype=np.int64)
+    S = 790
+    N, M, Lq, L, P = 2, 4, 30, 3, 2
+    assert _cpu._impl.sparse_applies(S, Lq, L, P)
+    assert _cpu._impl.sparse_blocks(N * S * M, D, np.dtype(dtype).itemsize) > 1
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(-0.1, 1.1, (N, Lq, M, L, P, 2)).astype(dtype)
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
+    g = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    want = _cpu._impl.backward(g, value, shapes, starts, loc, attn)
+    raw = np.full(value.nbytes + 192, 0xAB, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + misalign  # misalign bytes past a 64-byte boundary
+    grad_value = raw[start:start + value.nbytes].view(dtype).reshape(value.shape)
+    grad_loc, grad_attn = np.empty_like(loc), np.empty_like(attn)
+    ptr = lambda a: ctypes.c_void_p(a.ctypes.data)
+    fn = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 7)(
+        _cpu._impl.c_entry_points()["backward_f32" if dtype == np.float32 else "backward_f64"])
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        grad_value.fill(np.nan)
+        assert fn(ptr(g), ptr(value), ptr(shapes), ptr(starts), ptr(loc), ptr(attn), ptr(grad_value),
+                  ptr(grad_loc), ptr(grad_attn), N, S, M, D, Lq, L, P) == 0
+        for a, b in zip((grad_value, grad_loc, grad_attn), want):
+            assert a.tobytes() == b.tobytes()
+        assert np.all(raw[:start] == 0xAB) and np.all(raw[start + value.nbytes:] == 0xAB)
+
+
 @given(counts=st.lists(st.integers(0, 3000), min_size=1, max_size=60), shift=st.integers(0, 10),
        spare=st.integers(0, 1023), threads=st.integers(1, 5))
 def test_sparse_blocks_split_into_ranges_of_about_equal_work(counts, shift, spare, threads):

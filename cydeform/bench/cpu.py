@@ -6,10 +6,11 @@ gathers 4 corners x D channels) beside the thread count and dtype, and, when PyT
 importable, times the grid_sample reference at the same thread count and prints the
 ratio. PyTorch is never a dependency. The calls and location distributions are those of
 ``cydeform.bench.problems``. Each row also shows the measured floor of the same call
-(``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters,
-or for a backward that goes sparse one write of grad_value, without geometry or
-arithmetic, from the buffer the op gathers from: its staging copy when it stages value,
-cydeform._staging, or its head-major copy) and cydeform's time as a multiple of it; the
+(``cydeform.bench.floor``: the op's corner gathers, and for the backward its scatters
+(for a backward that goes sparse, in that method's block order, summed in a buffer
+streamed out to grad_value), without geometry or arithmetic, from the buffer the op
+gathers from: its staging copy when it stages value, cydeform._staging, or its
+head-major copy) and cydeform's time as a multiple of it; the
 header gives the machine's copy bandwidth. ``--no-floor`` skips them. Rows with more
 than one thread show the speed-up over 1 thread as the median of ratios of the two
 timed back to back (``paired_speedup``), not as a ratio of two medians taken a
@@ -107,8 +108,8 @@ def run_cpu(args):
           + (f", torch {ref[0].__version__}" if ref else ", torch not importable (no ratio)"))
     print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()"
           + ("" if args.no_floor else f"; copy bandwidth {floor.copy_gbs():.1f} GB/s (read + write, 256 MB); "
-             "floor: the same corner gathers (backward: and scatters, or where the backward goes "
-             "sparse, one write of grad_value) without geometry, same threads"))
+             "floor: the same corner gathers (backward: and scatters; where the backward goes "
+             "sparse, in its block order, into a buffer streamed out) without geometry, same threads"))
     header = ("| call | locations | dtype | threads | pass | cydeform ms | GB/s | "
               + ("" if args.no_floor else "floor ms | x floor | ") + "torch ms | speed-up |")
     print(header)
@@ -131,6 +132,8 @@ def run_cpu(args):
                     floor_value = _cpu._impl._aligned_empty((N, M_, S, D_), value.dtype)
                     floor_value[...] = value.transpose(0, 2, 1, 3)
                 floor_work = _cpu._work(value) if heads else None  # the op's own kept buffer
+                sparse = _cpu._impl.sparse_applies(value.shape[1], Lq_, loc.shape[3], loc.shape[4])
+                slots = floor.sparse_slots(rows, value.shape, value.itemsize) if sparse and rows is not None else None
                 def op_forward():
                     cydeform.ms_deform_attn(value, shapes, starts, loc, attn)
 
@@ -148,9 +151,12 @@ def run_cpu(args):
                     if rows is not None:
                         fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, heads=heads),
                                            args.repeat, 0.5)
-                        fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True,
-                                                                           heads=heads, work=floor_work),
-                                           args.repeat, 0.5)
+                        if sparse:
+                            fl_b = median_time(lambda: _cpu._impl.sparse_floor(floor_value, *slots), args.repeat, 0.5)
+                        else:
+                            fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True,
+                                                                               heads=heads, work=floor_work),
+                                               args.repeat, 0.5)
                     tt_f = tt_b = None
                     if ref is not None:
                         tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)

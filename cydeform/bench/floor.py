@@ -5,10 +5,11 @@ every corner row each output row (n, q, m) gathers, in the op's order: point by 
 (l, p), corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1). ``_cpu.gather_floor``
 then does those gathers with the op's prefetch and register accumulation, weight 1 and
 no geometry (forward floor), and with every gathered row also added into a per-thread
-grad buffer at its offset (backward floor: the op's scatter, minus the dot products;
-for calls the backward does with its sparse method, few samples per value position,
-the gathers and one parallel write of grad_value instead, which is all of that
-method's memory traffic).
+grad buffer at its offset (backward floor: the op's scatter, minus the dot products).
+For calls the backward does with its sparse method (few samples per value position),
+``sparse_slots`` puts the same offsets in that method's order (bucketed by block of
+grad_value) and ``_cpu.sparse_floor`` does its memory traffic: per block, the gathers
+added into a per-thread buffer that is then streamed out to grad_value.
 For calls the op does on a head-major copy of value (``_cpu._by_head``), the floor
 gathers from such a copy in the op's head-major order; the op's copies in and out of
 that layout are not in the floor (they are what the op pays for the layout).
@@ -50,6 +51,22 @@ def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locatio
     if heads:
         rows = rows.transpose(0, 2, 1, 3)
     return np.ascontiguousarray(rows.reshape(N * Lq * M, L * P * 4))
+
+
+def sparse_slots(rows, value_shape, itemsize):
+    """For a call whose backward is sparse (``_cpu.sparse_applies``): the element offsets
+    of the in-map corner rows in ``rows`` (corner_rows, not head-major) in the sparse
+    method's order, slot order bucketed stably by grad_value block, and block_first
+    (B + 1), where each block's offsets start: the arguments of ``_cpu.sparse_floor``."""
+    from cydeform import _cpu
+
+    N, S, M, D = value_shape
+    offsets = rows.reshape(-1)
+    offsets = offsets[offsets >= 0]
+    block = (offsets // D) >> _cpu._impl.sparse_block_shift(D, itemsize)
+    order = np.argsort(block, kind="stable")
+    counts = np.bincount(block, minlength=_cpu._impl.sparse_blocks(N * S * M, D, itemsize))
+    return np.ascontiguousarray(offsets[order]), np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
 
 def copy_gbs(nbytes=256 << 20, repeat=5):
