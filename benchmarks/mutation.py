@@ -50,6 +50,13 @@ MUTATIONS = [
     ("cpu: head-major backward's chunk sum keeps chunk 0 only", "src/_cpu_impl.pxi",
      "                    for c in range(1, K):\n                        acc = acc + a[c * size + d]",
      "                    for c in range(1, 1):\n                        acc = acc + a[c * size + d]", CPU_TESTS),
+    ("cpu: sparse backward splits its blocks by rows only, not rows + slots", "src/_cpu_impl.pxi",
+     "(blk << shift) + block_first[blk + 1] - block_first[blk]", "(blk << shift)", CPU_TESTS),
+    ("cpu: sparse backward takes a corner outside the map as dot 0, not g . 0", "src/_cpu_impl.pxi",
+     "                d[c] = zero_dot", "                d[c] = 0", CPU_TESTS),
+    ("cpu: sparse backward streams each block out one row short", "src/_cpu_impl.pxi",
+     "cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))",
+     "cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo - 1) * D * sizeof(floating))", CPU_TESTS),
     # CUDA kernels (host harness)
     ("kernel: inside check x < W -> x <= W", "cydeform/kernels/msda_common.cuh",
      "x >= -1.0 && x < (double)W &&", "x >= -1.0 && x <= (double)W &&", KERNEL_TESTS),

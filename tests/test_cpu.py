@@ -249,6 +249,33 @@ def test_sparse_and_dense_backward_give_the_same_bits(restore_threads, data, dty
             assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_backward_nonfinite_grad_output_at_a_border_point(restore_threads, dtype):
+    """A point on the map's border has corners outside it, whose dot products are
+    g . 0: NaN where grad_output is infinite (as in the dense backward, which reads a
+    zero row there), so that point's location and weight gradients are NaN too, and the
+    sparse and dense methods agree bit for bit."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(3)
+    shapes = np.array([[6, 7], [3, 4]], dtype=np.int64)
+    starts = np.array([0, 42], dtype=np.int64)
+    N, S, M, D, Lq, L, P = 1, 54, 2, 9, 4, 2, 2
+    assert _cpu._impl.sparse_applies(S, Lq, L, P)
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(0.2, 0.8, (N, Lq, M, L, P, 2)).astype(dtype)
+    loc[0, 1, 0, 0, 1] = [0.02, 0.5]  # x = 0.02 * 7 - 0.5 < 0: the left corners are outside
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
+    g = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    g[0, 1, 3] = np.inf  # query 1, head 0
+    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
+    sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
+    assert np.isnan(sparse[2][0, 1, 0, 0, 1]) and np.isnan(sparse[1][0, 1, 0, 0, 1]).all()
+    assert np.isfinite(sparse[2][0, 2]).all()  # other queries untouched
+    for a, b in zip(sparse, dense):
+        assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("dtype,D,misalign", [(np.float32, 32, 4), (np.float32, 11, 12), (np.float64, 33, 8)])
 def test_sparse_backward_c_entry_point_writes_a_misaligned_grad_value(restore_threads, dtype, D, misalign):
     """The C entry point (what cydeform.jax calls) writes grad_value wherever the caller's
