@@ -838,10 +838,11 @@ cdef inline void _sparse_gradients(const int64_t* shapes, Py_ssize_t L, Py_ssize
 cdef void _split_blocks(const int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift, int threads,
                         int64_t* first_block) noexcept nogil:
     """Phase 3 of the sparse backward: thread t takes blocks [first_block[t], first_block[t + 1]),
-    ranges of about equal cost, rows to zero plus slots to add (about equal per unit,
-    measured: 0.75 ms of memset for 178k rows, 0.65 ms of adds for 150k slots), rather than
-    of equal block counts: a decoder call's coarse levels put half of its slots in its
-    last few blocks. Which thread does a block never changes its bits."""
+    ranges of about equal work, rows (zeroed, streamed out) plus slots (a dot and a
+    scatter each), rather than of equal block counts: a decoder call's coarse levels put
+    half of its slots in its last few blocks. Rows and slots weigh the same: of the
+    weights 0 to 4 for a slot against a row, 1 was fastest or within noise of it (2
+    threads, benchmarks/cpu_log.md, 19). Which thread does a block never changes its bits."""
     cdef int64_t total = NB + block_first[B], cost = 0
     cdef Py_ssize_t blk
     cdef int t = 0
