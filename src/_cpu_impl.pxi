@@ -19,7 +19,7 @@
 
 import numpy as np
 
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport floor, isfinite, NAN
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
@@ -877,6 +877,99 @@ cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_s
     return ahead
 
 
+cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const int64_t* shapes, const int64_t* starts,
+                               const floating* loc, const floating* attn, floating* grad_loc,
+                               floating* grad_attn, int64_t* keys, floating* weights, double* geo,
+                               int64_t* count, Py_ssize_t B, int shift, Py_ssize_t S, Py_ssize_t M,
+                               Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+    """Phase 1 for rows [r_lo, r_hi) in order: _sparse_row, and in count[blk] (zeroed
+    first, B entries) how many of their slots fall in block blk."""
+    cdef Py_ssize_t LP = L * P, r, j
+    cdef int64_t key
+    memset(count, 0, B * sizeof(int64_t))
+    for r in range(r_lo, r_hi):
+        _sparse_row(shapes, starts, L, P, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
+                    grad_attn + r * LP, M, (r // (Lq * M)) * S * M + r % M, keys + r * LP * 4,
+                    weights + r * LP * 4, geo + r * LP * 2)
+        for j in range(LP * 4):
+            key = keys[r * LP * 4 + j]
+            if key >= 0:
+                count[key >> shift] += 1
+
+
+cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift,
+                                 int threads, int64_t* first_block) noexcept nogil:
+    """Between phases 1 and 2 (one thread): where each thread's slots of each block go,
+    blocks in order, within a block the threads in order, so a block's slots end up in
+    slot order whatever the thread count (cursor[t B + blk]: thread t's count in, its
+    first position out); block_first; phase 3's split."""
+    cdef Py_ssize_t blk, t
+    cdef int64_t pos = 0, count
+    for blk in range(B):
+        block_first[blk] = pos
+        for t in range(threads):
+            count = cursor[t * B + blk]
+            cursor[t * B + blk] = pos
+            pos += count
+    block_first[B] = pos
+    _split_blocks(block_first, B, NB, shift, threads, first_block)
+
+
+cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, const floating* weights,
+                               int64_t* cursor, int shift, Py_ssize_t LP, int64_t* sorted_key,
+                               int64_t* sorted_slot, floating* sorted_w) noexcept nogil:
+    """Phase 2 for rows [r_lo, r_hi): their slots placed at the thread's cursors (one per
+    block); keys[e] becomes the slot's position, where phase 3 puts its dot."""
+    cdef Py_ssize_t e
+    cdef int64_t key, pos, blk
+    for e in range(r_lo * LP * 4, r_hi * LP * 4):
+        key = keys[e]
+        if key >= 0:
+            blk = key >> shift
+            pos = cursor[blk]
+            cursor[blk] = pos + 1
+            sorted_key[pos] = key
+            sorted_slot[pos] = e
+            sorted_w[pos] = weights[e]
+            keys[e] = pos
+
+
+cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const floating* grad_out,
+                                    const floating* value, floating* grad_value, floating* buf,
+                                    const int64_t* block_first, const int64_t* sorted_key,
+                                    const int64_t* sorted_slot, const floating* sorted_w, double* dots,
+                                    Py_ssize_t NB, Py_ssize_t D, int shift, Py_ssize_t LP) noexcept nogil:
+    """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
+    scatters, then streamed out to grad_value; the next block's value rows prefetched in
+    address order meanwhile, spread over the block's slots."""
+    cdef Py_ssize_t blk, row_lo, row_hi, pos, lo, hi, step
+    cdef int64_t key, e
+    cdef const floating* g
+    cdef const char* ahead
+    cdef const char* ahead_end
+    for blk in range(blk_lo, blk_hi):
+        row_lo = blk << shift
+        row_hi = min(NB, row_lo + (1 << shift))
+        memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
+        lo = block_first[blk]
+        hi = block_first[blk + 1]
+        ahead = <const char*>(value + row_hi * D)
+        ahead_end = <const char*>(value + min(NB, row_hi + (1 << shift)) * D)
+        step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
+        for pos in range(lo, hi):
+            ahead = _prefetch_lines(ahead, ahead_end, step)
+            key = sorted_key[pos]
+            e = sorted_slot[pos]
+            g = grad_out + (e // (4 * LP)) * D
+            if floating is float:
+                dots[pos] = cyd_dot_f(g, value + key * D, D)
+                cyd_axpy_f(buf + (key - row_lo) * D, sorted_w[pos], g, D)
+            else:
+                dots[pos] = cyd_dot_d(g, value + key * D, D)
+                cyd_axpy_d(buf + (key - row_lo) * D, sorted_w[pos], g, D)
+        cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
+
+
 cdef void _backward_sparse(const floating* grad_out, const floating* value, const int64_t* shapes,
                            const int64_t* starts, const floating* loc, const floating* attn,
                            floating* grad_value, floating* grad_loc, floating* grad_attn,
@@ -901,85 +994,35 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
     cdef floating* sorted_w = weights + slots
-    cdef Py_ssize_t r, n, m, t, j, e, key, blk, lo, hi, pos, row_lo, row_hi, count
-    cdef const floating* g
-    cdef int64_t* mine
-    cdef const char* ahead
-    cdef const char* ahead_end
-    cdef Py_ssize_t step
-    cdef floating* buf
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
-    # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: the slots and geometry, and in
-    #    cursor[t B + blk] how many of its slots fall in blk.
-    for t in prange(threads, schedule="static", num_threads=threads):
-        mine = cursor + t * B
-        memset(mine, 0, B * sizeof(int64_t))
-        for r in range(t * R // threads, (t + 1) * R // threads):
-            n = r // (Lq * M)
-            m = r % M
-            _sparse_row(shapes, starts, L, P, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
-                        grad_attn + r * LP, M, n * S * M + m, keys + r * LP * 4, weights + r * LP * 4,
-                        geo + r * LP * 2)
-            for j in range(LP * 4):
-                key = keys[r * LP * 4 + j]
-                if key >= 0:
-                    mine[key >> shift] += 1
-    # Where each thread's slots of each block go: blocks in order, within a block the
-    # threads in order, so a block's slots end up in slot order whatever T is.
-    pos = 0
-    for blk in range(B):
-        block_first[blk] = pos
-        for t in range(threads):
-            count = cursor[t * B + blk]
-            cursor[t * B + blk] = pos
-            pos += count
-    block_first[B] = pos
-    _split_blocks(block_first, B, NB, shift, threads, first_block)
-    # 2. Thread t places its own rows' slots.
-    for t in prange(threads, schedule="static", num_threads=threads):
-        mine = cursor + t * B
-        for r in range(t * R // threads, (t + 1) * R // threads):
-            for j in range(LP * 4):
-                e = r * LP * 4 + j
-                key = keys[e]
-                if key >= 0:
-                    blk = key >> shift
-                    pos = mine[blk]
-                    mine[blk] = pos + 1
-                    sorted_key[pos] = key
-                    sorted_slot[pos] = e
-                    sorted_w[pos] = weights[e]
-                    keys[e] = pos  # from here on, where the slot's dot goes
-    # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each summed in the thread's
-    #    buffer (the slots' dots and scatters) and streamed out to grad_value.
-    for t in prange(threads, schedule="static", num_threads=threads):
-        buf = block_bufs + t * (D << shift)
-        for blk in range(first_block[t], first_block[t + 1]):
-            row_lo = blk << shift
-            row_hi = min(NB, row_lo + (1 << shift))
-            memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
-            lo = block_first[blk]
-            hi = block_first[blk + 1]
-            # The next block's value rows, in address order, spread over this block's slots.
-            ahead = <const char*>(value + row_hi * D)
-            ahead_end = <const char*>(value + min(NB, row_hi + (1 << shift)) * D)
-            step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
-            for pos in range(lo, hi):
-                ahead = _prefetch_lines(ahead, ahead_end, step)
-                key = sorted_key[pos]
-                e = sorted_slot[pos]
-                g = grad_out + (e // (4 * LP)) * D
-                if floating is float:
-                    dots[pos] = cyd_dot_f(g, value + key * D, D)
-                    cyd_axpy_f(buf + (key - row_lo) * D, sorted_w[pos], g, D)
-                else:
-                    dots[pos] = cyd_dot_d(g, value + key * D, D)
-                    cyd_axpy_d(buf + (key - row_lo) * D, sorted_w[pos], g, D)
-            cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
-    # 4. Rows in parallel: the location and weight gradients.
-    for r in prange(R, schedule="static", num_threads=threads):
-        _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
-                          dots, geo + r * LP * 2, grad_loc + r * LP * 2, grad_attn + r * LP)
+    cdef Py_ssize_t t, r
+    # One parallel region, a barrier after each phase (each prange's end), so the other
+    # threads are woken once a call, not once a phase: the same speed with libgomp's
+    # default wait policy, 4-6 % faster at 2 threads with OMP_WAIT_POLICY=passive
+    # (benchmarks/cpu_log.md, 21).
+    with parallel(num_threads=threads):
+        # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: the slots and geometry, and
+        #    in cursor[t B + blk] how many of its slots fall in blk.
+        for t in prange(threads, schedule="static"):
+            _sparse_slots(t * R // threads, (t + 1) * R // threads, shapes, starts, loc, attn, grad_loc,
+                          grad_attn, keys, weights, geo, cursor + t * B, B, shift, S, M, Lq, L, P)
+        for t in prange(1, schedule="static"):
+            _sparse_offsets(cursor, block_first, B, NB, shift, threads, first_block)
+        # 2. Thread t places its own rows' slots.
+        for t in prange(threads, schedule="static"):
+            _sparse_place(t * R // threads, (t + 1) * R // threads, keys, weights, cursor + t * B, shift, LP,
+                          sorted_key, sorted_slot, sorted_w)
+        # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each summed in the
+        #    thread's buffer (the slots' dots and scatters) and streamed out to grad_value.
+        for t in prange(threads, schedule="static"):
+            _sparse_sum_blocks(first_block[t], first_block[t + 1], grad_out, value, grad_value,
+                               block_bufs + t * (D << shift), block_first, sorted_key, sorted_slot, sorted_w, dots,
+                               NB, D, shift, LP)
+        # 4. Rows in parallel: the location and weight gradients.
+        for r in prange(R, schedule="static"):
+            _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
+                              dots, geo + r * LP * 2, grad_loc + r * LP * 2, grad_attn + r * LP)
+
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
              sampling_locations, attention_weights, buffers=None, method=None, layout=None, work=None):
