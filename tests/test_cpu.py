@@ -145,7 +145,9 @@ def test_every_instruction_set_build_gives_bit_identical_results(dtype, data):
                         *impl.backward(g, value, shapes, starts, loc, attn),
                         # and the head-major path, whatever the problem's shape would pick
                         impl.forward(value, shapes, starts, loc, attn, layout="heads"),
-                        *impl.backward(g, value, shapes, starts, loc, attn, method="dense", layout="heads")))
+                        *impl.backward(g, value, shapes, starts, loc, attn, method="dense", layout="heads"),
+                        # and the sparse backward (its own dots and streamed-out blocks)
+                        *impl.backward(g, value, shapes, starts, loc, attn, method="sparse")))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert a.tobytes() == b.tobytes()
