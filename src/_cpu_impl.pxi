@@ -84,7 +84,7 @@ def cpu_supports(str isa):
 cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
     void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
-    void __builtin_prefetch(const void* p) noexcept nogil
+    void cyd_prefetch_line(const void* p) noexcept nogil
     void cyd_accumulate_f(float* out, const float** ptr, const float* w, ptrdiff_t npts,
                           ptrdiff_t D) noexcept nogil
     void cyd_accumulate_d(double* out, const double** ptr, const double* w, ptrdiff_t npts,
@@ -440,15 +440,20 @@ cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] sh
 #   dx = hy (g.V01 - g.V00) + ly (g.V11 - g.V10),   dloc_x = W * A * dx
 #   dy = hx (g.V10 - g.V00) + lx (g.V11 - g.V01),   dloc_y = H * A * dy
 # and grad_value[c] += A * w_c * g for the corners inside the map.
+cdef inline void _bilinear(double lx, double ly, double* w) noexcept nogil:
+    """The four corners' bilinear weights w_c (before the attention weight)."""
+    w[0] = (1.0 - ly) * (1.0 - lx)
+    w[1] = (1.0 - ly) * lx
+    w[2] = ly * (1.0 - lx)
+    w[3] = ly * lx
+
+
 cdef inline void _point_gradients(double lx, double ly, double a, double W, double H, const double* dots,
                                   floating* grad_attn, floating* grad_loc) noexcept nogil:
     """grad_attn[0] and grad_loc[0:2] of one in-map point from its four dots g . V_c."""
     cdef double hx = 1.0 - lx, hy = 1.0 - ly
     cdef double w[4]
-    w[0] = hy * hx
-    w[1] = hy * lx
-    w[2] = ly * hx
-    w[3] = ly * lx
+    _bilinear(lx, ly, w)
     grad_attn[0] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
     grad_loc[0] = <floating>(W * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
     grad_loc[1] = <floating>(H * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
@@ -468,19 +473,14 @@ cdef inline void _backward_block(Py_ssize_t D,
     scalar gradients: the loads of several samples are in flight together.
     """
     cdef Py_ssize_t j, c, k
-    cdef double lx, ly, a
+    cdef double a
     cdef double dots[4]
     cdef double w[4]
     cdef floating aw[4]
     cdef floating lanes[4 * _LANES * _BLOCK]
     for j in range(npts):
-        lx = geo[5 * j]
-        ly = geo[5 * j + 1]
         a = geo[5 * j + 2]
-        w[0] = (1.0 - ly) * (1.0 - lx)
-        w[1] = (1.0 - ly) * lx
-        w[2] = ly * (1.0 - lx)
-        w[3] = ly * lx
+        _bilinear(geo[5 * j], geo[5 * j + 1], w)
         for c in range(4):
             aw[c] = <floating>(a * w[c]) if inside[j] & (1 << c) else 0
         if floating is float:
@@ -710,11 +710,10 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 # backward with one query chunk, and each dot has the dense backward's lanes and
 # reduction: both methods give the same bits (tests/test_cpu.py). Measured against the
 # previous method (dots in phase 1 from random gathers, grad_value zeroed and added to
-# in place): benchmarks/cpu_log.md, 17-19.
+# in place): benchmarks/cpu_log.md, 17-21.
 
 cdef enum:
     _SPARSE_BLOCK_BYTES = 128 * 1024
-    _SPARSE_AHEAD = 8  # slots between a value row's prefetch and its use in phase 3
 
 
 cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
@@ -796,10 +795,7 @@ cdef inline void _sparse_row(const int64_t* shapes, const int64_t* starts, Py_ss
             geo[2 * k] = lx
             geo[2 * k + 1] = ly
             a = attn[k]
-            w[0] = (1.0 - ly) * (1.0 - lx)
-            w[1] = (1.0 - ly) * lx
-            w[2] = ly * (1.0 - lx)
-            w[3] = ly * lx
+            _bilinear(lx, ly, w)
             for c in range(4):
                 keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M if idx[c] >= 0 else -1
                 weights[4 * k + c] = <floating>(a * w[c])
@@ -872,7 +868,7 @@ cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_s
     for j in range(count):
         if ahead >= end:
             break
-        __builtin_prefetch(ahead)
+        cyd_prefetch_line(ahead)
         ahead += 64
     return ahead
 
@@ -941,7 +937,8 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
                                     Py_ssize_t NB, Py_ssize_t D, int shift, Py_ssize_t LP) noexcept nogil:
     """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
     scatters, then streamed out to grad_value; the next block's value rows prefetched in
-    address order meanwhile, spread over the block's slots."""
+    address order meanwhile, spread over the block's slots. With ``dots`` NULL, the
+    benchmark's floor (sparse_floor): each slot's value row added with weight 1, no dot."""
     cdef Py_ssize_t blk, row_lo, row_hi, pos, lo, hi, step
     cdef int64_t key, e
     cdef const floating* g
@@ -959,6 +956,12 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
         for pos in range(lo, hi):
             ahead = _prefetch_lines(ahead, ahead_end, step)
             key = sorted_key[pos]
+            if dots == NULL:
+                if floating is float:
+                    cyd_axpy_f(buf + (key - row_lo) * D, 1, value + key * D, D)
+                else:
+                    cyd_axpy_d(buf + (key - row_lo) * D, 1, value + key * D, D)
+                continue
             e = sorted_slot[pos]
             g = grad_out + (e // (4 * LP)) * D
             if floating is float:
@@ -1257,30 +1260,30 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     return (out, grad) if backward else out
 
 
-def sparse_floor(value, const int64_t[::1] offsets, const int64_t[::1] block_first):
+def sparse_floor(value, const int64_t[::1] keys, const int64_t[::1] block_first):
     """Internal (benchmark floor of a sparse backward): the sparse method's memory traffic,
-    its phase 3 without the dot products and weights. value (N, S, M, D); ``offsets``:
-    element offsets into value of every in-map corner row, in the method's slot order
-    bucketed stably by block (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1):
-    where each block's slots start. Per block, with the op's split over threads, prefetch
-    and buffers: value's row at each offset added into a zeroed per-thread buffer, which
-    is then streamed out. Returns that grad shaped like value (each row: its value row
-    times the number of slots at it). Internal: the offsets are not checked (they must lie
-    in their blocks), as the op's internal arrays are not."""
+    its phase 3 without the dot products and weights. value (N, S, M, D); ``keys``: the
+    value row (units of D) of every in-map corner, in the method's slot order bucketed
+    stably by block (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1): where
+    each block's slots start. The op's phase 3 with its split over threads, prefetch and
+    buffers, each slot's value row added with weight 1 into its block's buffer, which is
+    then streamed out. Returns that grad shaped like value (each row: its value row times
+    the number of slots at it). Internal: the keys are not checked (they must lie in
+    their blocks), as the op's internal arrays are not."""
     N, S, M, D = value.shape
     shift = _sparse_block_shift(D, value.itemsize)
     B = block_first.shape[0] - 1
-    if B != _sparse_blocks(N * S * M, D, value.itemsize) or block_first[B] != offsets.shape[0]:
-        raise ValueError("block_first does not match value's blocks and the offsets")
-    threads = _threads(offsets.shape[0] * D)
+    if B != _sparse_blocks(N * S * M, D, value.itemsize) or block_first[B] != keys.shape[0]:
+        raise ValueError("block_first does not match value's blocks and the keys")
+    threads = _threads(keys.shape[0] * D)
     grad = _aligned_empty(value.shape, value.dtype)
     bufs = _aligned_empty(threads * (D << shift), value.dtype)
     first_block = np.empty(threads + 1, dtype=np.int64)
     if value.dtype == np.float32:
-        _sparse_floor_typed[float](value.reshape(-1), offsets, block_first, grad.reshape(-1), bufs, first_block,
+        _sparse_floor_typed[float](value.reshape(-1), keys, block_first, grad.reshape(-1), bufs, first_block,
                                    D, shift, threads)
     else:
-        _sparse_floor_typed[double](value.reshape(-1), offsets, block_first, grad.reshape(-1), bufs, first_block,
+        _sparse_floor_typed[double](value.reshape(-1), keys, block_first, grad.reshape(-1), bufs, first_block,
                                     D, shift, threads)
     return grad
 
@@ -1290,34 +1293,16 @@ def sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize):
     return _sparse_block_shift(D, itemsize)
 
 
-cdef _sparse_floor_typed(const floating[::1] value, const int64_t[::1] offsets, const int64_t[::1] block_first,
+cdef _sparse_floor_typed(const floating[::1] value, const int64_t[::1] keys, const int64_t[::1] block_first,
                          floating[::1] grad, floating[::1] bufs, int64_t[::1] first_block, Py_ssize_t D,
                          int shift, int threads):
-    cdef Py_ssize_t NB = value.shape[0] // D
-    cdef Py_ssize_t B = block_first.shape[0] - 1, t, blk, row_lo, row_hi, pos, off
-    cdef floating* buf
-    cdef const char* ahead
-    cdef const char* ahead_end
-    cdef Py_ssize_t step
+    cdef Py_ssize_t NB = value.shape[0] // D, B = block_first.shape[0] - 1, t
     with nogil:
         _split_blocks(&block_first[0], B, NB, shift, threads, &first_block[0])
         for t in prange(threads, schedule="static", num_threads=threads):
-            buf = &bufs[0] + t * (D << shift)
-            for blk in range(first_block[t], first_block[t + 1]):
-                row_lo = blk << shift
-                row_hi = min(NB, row_lo + (1 << shift))
-                memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
-                ahead = <const char*>(&value[0] + row_hi * D)
-                ahead_end = <const char*>(&value[0] + min(NB, row_hi + (1 << shift)) * D)
-                step = (ahead_end - ahead) // 64 // max(1, block_first[blk + 1] - block_first[blk]) + 1
-                for pos in range(block_first[blk], block_first[blk + 1]):
-                    ahead = _prefetch_lines(ahead, ahead_end, step)
-                    off = offsets[pos]
-                    if floating is float:
-                        cyd_axpy_f(buf + off - row_lo * D, 1, &value[0] + off, D)
-                    else:
-                        cyd_axpy_d(buf + off - row_lo * D, 1, &value[0] + off, D)
-                cyd_stream_copy(&grad[0] + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
+            _sparse_sum_blocks(first_block[t], first_block[t + 1], NULL, &value[0], &grad[0],
+                               &bufs[0] + t * (D << shift), &block_first[0], &keys[0], NULL, NULL, NULL,
+                               NB, D, shift, 0)
 
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,

@@ -28,10 +28,12 @@
 
 #define CYD_LANES 8
 
-/* Ask for a corner row (up to 128 bytes) before the accumulation needs it. */
+/* Ask for one 64-byte line, or a corner row (up to 128 bytes), before a loop needs it. */
 #if defined(__GNUC__)
+#define cyd_prefetch_line(p) __builtin_prefetch((const char *)(p))
 #define cyd_prefetch_row(p) (__builtin_prefetch((const char *)(p)), __builtin_prefetch((const char *)(p) + 64))
 #else
+#define cyd_prefetch_line(p) ((void)(p))
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
 
