@@ -37,12 +37,12 @@
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
 
-/* dst[0:n] = src[0:n] (bytes), the 64-byte-aligned part of dst with non-temporal stores
- * where the compiler can spell them: written straight to memory, without first reading
- * the destination's lines into the cache (half the memory traffic of a plain copy into
- * cold memory) and without evicting what the cache holds. Ends with a store fence, so
- * the data is ordered before whatever the caller does next (another thread may read it
- * after the parallel region's barrier). */
+/* dst[0:n] = src[0:n] (bytes); on x86-64 the 64-byte-aligned part of dst with
+ * non-temporal stores (elsewhere a plain memcpy): written straight to memory, without
+ * first reading the destination's lines into the cache (half the memory traffic of a
+ * plain copy into cold memory) and without evicting what the cache holds. Ends with a
+ * store fence, so the data is ordered before whatever the caller does next (another
+ * thread may read it after the parallel region's barrier). */
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>  /* SSE2, part of x86-64: non-temporal 16-byte stores */
 #endif
@@ -124,7 +124,7 @@ static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restric
  *   gvc[d] += awc g[d]                  (scatter into the four corner rows of grad_value)    \
  * cyd_reduce_lanes sums the lanes later: a block's samples first all issue their loads,     \
  * then all reduce, so more of their cache misses overlap (measured 2026-12-03). */          \
-static inline void cyd_sample_pass_##SUF(                                                     \
+static inline void cyd_sample_backward_##SUF(                                                     \
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
         T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
@@ -158,9 +158,9 @@ static inline void cyd_sample_pass_##SUF(                                       
     cyd_store_##SUF(lanes + 2 * CYD_LANES, a2);                                               \
     cyd_store_##SUF(lanes + 3 * CYD_LANES, a3);                                               \
 }                                                                                             \
-/* One corner's dot product g . v for the sparse backward, summed as cyd_sample_pass sums     \
- * it (lanes in d order, the tail in lane 0) and reduced as cyd_reduce_lanes does: the same  \
- * bits as that corner's dots[c]. */                                                          \
+/* One corner's dot product g . v for the sparse backward, summed as cyd_sample_backward    \
+ * sums it (lanes in d order, the tail in lane 0) and reduced as cyd_reduce_lanes does:      \
+ * the same bits as that corner's dots[c]. */                                                 \
 static inline double cyd_dot_##SUF(const T *restrict g, const T *restrict v, ptrdiff_t D) {   \
     cyd_lanes_##SUF a = {0};                                                                  \
     ptrdiff_t d = 0;                                                                          \
@@ -195,7 +195,7 @@ static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restric
         out[d] = acc;                                                                         \
     }                                                                                         \
 }                                                                                             \
-static inline void cyd_sample_pass_##SUF(                                                     \
+static inline void cyd_sample_backward_##SUF(                                                     \
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
         T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
@@ -246,13 +246,6 @@ static inline void cyd_axpy_##SUF(T *restrict out, T w, const T *restrict x, ptr
 #endif
 
 #define CYD_DEFINE_ENTRY_POINTS(T, SUF)                                                       \
-static inline void cyd_sample_backward_##SUF(                                                 \
-        const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
-        const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
-        T *restrict gv2, T *restrict gv3, T aw0, T aw1, T aw2, T aw3, ptrdiff_t D,            \
-        T *restrict lanes) {                                                                  \
-    cyd_sample_pass_##SUF(g, v0, v1, v2, v3, gv0, gv1, gv2, gv3, aw0, aw1, aw2, aw3, D, lanes);    \
-}                                                                                             \
 /* dots[c] = lanes[8c] + ... + lanes[8c + 7], in double, in lane order. */                    \
 static inline void cyd_reduce_lanes_##SUF(const T *restrict lanes, double *restrict dots) {   \
     for (int c = 0; c < 4; ++c) {                                                             \
