@@ -913,27 +913,29 @@ cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize
 
 cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, const floating* weights,
                                int64_t* cursor, int shift, Py_ssize_t LP, int64_t* sorted_key,
-                               int64_t* sorted_slot, floating* sorted_w) noexcept nogil:
+                               int64_t* sorted_row, floating* sorted_w) noexcept nogil:
     """Phase 2 for rows [r_lo, r_hi): their slots placed at the thread's cursors (one per
-    block); keys[e] becomes the slot's position, where phase 3 puts its dot."""
-    cdef Py_ssize_t e
+    block), each with its row r (phase 3's g is grad_out's row r); keys[e] becomes the
+    slot's position, where phase 3 puts its dot."""
+    cdef Py_ssize_t r, e
     cdef int64_t key, pos, blk
-    for e in range(r_lo * LP * 4, r_hi * LP * 4):
-        key = keys[e]
-        if key >= 0:
-            blk = key >> shift
-            pos = cursor[blk]
-            cursor[blk] = pos + 1
-            sorted_key[pos] = key
-            sorted_slot[pos] = e
-            sorted_w[pos] = weights[e]
-            keys[e] = pos
+    for r in range(r_lo, r_hi):
+        for e in range(r * LP * 4, (r + 1) * LP * 4):
+            key = keys[e]
+            if key >= 0:
+                blk = key >> shift
+                pos = cursor[blk]
+                cursor[blk] = pos + 1
+                sorted_key[pos] = key
+                sorted_row[pos] = r
+                sorted_w[pos] = weights[e]
+                keys[e] = pos
 
 
 cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const floating* grad_out,
                                     const floating* value, floating* grad_value, floating* buf,
                                     const int64_t* block_first, const int64_t* sorted_key,
-                                    const int64_t* sorted_slot, const floating* sorted_w, double* dots,
+                                    const int64_t* sorted_row, const floating* sorted_w, double* dots,
                                     Py_ssize_t NB, Py_ssize_t D, int shift, Py_ssize_t LP) noexcept nogil:
     """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
     scatters, then streamed out to grad_value; the next block's value rows prefetched in
@@ -962,8 +964,7 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
                 else:
                     cyd_axpy_d(buf + (key - row_lo) * D, 1, value + key * D, D)
                 continue
-            e = sorted_slot[pos]
-            g = grad_out + (e // (4 * LP)) * D
+            g = grad_out + sorted_row[pos] * D
             if floating is float:
                 dots[pos] = cyd_dot_f(g, value + key * D, D)
                 cyd_axpy_f(buf + (key - row_lo) * D, sorted_w[pos], g, D)
@@ -979,7 +980,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                            const floating* zeros, char* work, int threads, Py_ssize_t N, Py_ssize_t S,
                            Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned, for keys, sorted_key,
-    sorted_slot (int64) and dots (double) of 4 N Lq M L P slots, geo (2 doubles a point),
+    sorted_row (int64) and dots (double) of 4 N Lq M L P slots, geo (2 doubles a point),
     block_first (B + 1) and cursor (``threads`` x B + ``threads`` + 1, int64), then weights and sorted_w
     (floating, a slot each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be
     zeroed."""
@@ -990,8 +991,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef floating* block_bufs = <floating*>work
     cdef int64_t* keys = <int64_t*>(work + _sparse_bufs_bytes(D, sizeof(floating), threads))
     cdef int64_t* sorted_key = keys + slots
-    cdef int64_t* sorted_slot = sorted_key + slots
-    cdef double* dots = <double*>(sorted_slot + slots)
+    cdef int64_t* sorted_row = sorted_key + slots
+    cdef double* dots = <double*>(sorted_row + slots)
     cdef double* geo = dots + slots
     cdef int64_t* block_first = <int64_t*>(geo + slots // 2)
     cdef int64_t* cursor = block_first + B + 1
@@ -1014,12 +1015,12 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
         # 2. Thread t places its own rows' slots.
         for t in prange(threads, schedule="static"):
             _sparse_place(t * R // threads, (t + 1) * R // threads, keys, weights, cursor + t * B, shift, LP,
-                          sorted_key, sorted_slot, sorted_w)
+                          sorted_key, sorted_row, sorted_w)
         # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each summed in the
         #    thread's buffer (the slots' dots and scatters) and streamed out to grad_value.
         for t in prange(threads, schedule="static"):
             _sparse_sum_blocks(first_block[t], first_block[t + 1], grad_out, value, grad_value,
-                               block_bufs + t * (D << shift), block_first, sorted_key, sorted_slot, sorted_w, dots,
+                               block_bufs + t * (D << shift), block_first, sorted_key, sorted_row, sorted_w, dots,
                                NB, D, shift, LP)
         # 4. Rows in parallel: the location and weight gradients.
         for r in prange(R, schedule="static"):
