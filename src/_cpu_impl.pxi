@@ -716,6 +716,19 @@ cdef enum:
     _SPARSE_BLOCK_BYTES = 128 * 1024
 
 
+# A slot placed in its block (phase 2), everything phase 3 needs in one 16-byte record:
+# rk = r << shift | k, the slot's grad_output row r and its grad_value row k within the
+# block, and its weight w (a float weight is exact in a double).
+ctypedef struct _Slot:
+    int64_t rk
+    double w
+
+
+def slot_dtype():
+    """Internal: the numpy dtype of a placed slot (_Slot), for the benchmark's floor."""
+    return np.dtype([("rk", np.int64), ("w", np.float64)])
+
+
 cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
     """log2 of the grad_value rows per block: the largest power of 2 within _SPARSE_BLOCK_BYTES."""
     cdef int shift = 0
@@ -757,7 +770,7 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (4 * slots + slots // 2 + B + 1 + threads * B + threads + 1) + 2 * itemsize * slots)
+            + 8 * (4 * slots + slots // 2 + B + 1 + threads * B + threads + 1) + itemsize * slots)
 
 
 def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
@@ -912,37 +925,35 @@ cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize
 
 
 cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, const floating* weights,
-                               int64_t* cursor, int shift, Py_ssize_t LP, int64_t* sorted_key,
-                               int64_t* sorted_row, floating* sorted_w) noexcept nogil:
+                               int64_t* cursor, int shift, Py_ssize_t LP, _Slot* placed) noexcept nogil:
     """Phase 2 for rows [r_lo, r_hi): their slots placed at the thread's cursors (one per
-    block), each with its row r (phase 3's g is grad_out's row r); keys[e] becomes the
-    slot's position, where phase 3 puts its dot."""
+    block); keys[e] becomes the slot's position, where phase 3 puts its dot."""
     cdef Py_ssize_t r, e
-    cdef int64_t key, pos, blk
+    cdef int64_t key, pos, mask = (1 << shift) - 1
     for r in range(r_lo, r_hi):
         for e in range(r * LP * 4, (r + 1) * LP * 4):
             key = keys[e]
             if key >= 0:
-                blk = key >> shift
-                pos = cursor[blk]
-                cursor[blk] = pos + 1
-                sorted_key[pos] = key
-                sorted_row[pos] = r
-                sorted_w[pos] = weights[e]
+                pos = cursor[key >> shift]
+                cursor[key >> shift] = pos + 1
+                placed[pos].rk = (r << shift) | (key & mask)
+                placed[pos].w = weights[e]
                 keys[e] = pos
 
 
 cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const floating* grad_out,
                                     const floating* value, floating* grad_value, floating* buf,
-                                    const int64_t* block_first, const int64_t* sorted_key,
-                                    const int64_t* sorted_row, const floating* sorted_w, double* dots,
-                                    Py_ssize_t NB, Py_ssize_t D, int shift, Py_ssize_t LP) noexcept nogil:
+                                    const int64_t* block_first, const _Slot* placed, double* dots,
+                                    Py_ssize_t NB, Py_ssize_t D, int shift) noexcept nogil:
     """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
     scatters, then streamed out to grad_value; the next block's value rows prefetched in
     address order meanwhile, spread over the block's slots. With ``dots`` NULL, the
-    benchmark's floor (sparse_floor): each slot's value row added with weight 1, no dot."""
+    benchmark's floor (sparse_floor): each slot's value row added with weight 1, no dot
+    (the floor's slots have r = 0)."""
     cdef Py_ssize_t blk, row_lo, row_hi, pos, lo, hi, step
-    cdef int64_t key, e
+    cdef int64_t rk, mask = (1 << shift) - 1
+    cdef floating* out
+    cdef const floating* v
     cdef const floating* g
     cdef const char* ahead
     cdef const char* ahead_end
@@ -957,20 +968,22 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
         step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
         for pos in range(lo, hi):
             ahead = _prefetch_lines(ahead, ahead_end, step)
-            key = sorted_key[pos]
+            rk = placed[pos].rk
+            out = buf + (rk & mask) * D
+            v = value + (row_lo + (rk & mask)) * D
             if dots == NULL:
                 if floating is float:
-                    cyd_axpy_f(buf + (key - row_lo) * D, 1, value + key * D, D)
+                    cyd_axpy_f(out, 1, v, D)
                 else:
-                    cyd_axpy_d(buf + (key - row_lo) * D, 1, value + key * D, D)
+                    cyd_axpy_d(out, 1, v, D)
                 continue
-            g = grad_out + sorted_row[pos] * D
+            g = grad_out + (rk >> shift) * D
             if floating is float:
-                dots[pos] = cyd_dot_f(g, value + key * D, D)
-                cyd_axpy_f(buf + (key - row_lo) * D, sorted_w[pos], g, D)
+                dots[pos] = cyd_dot_f(g, v, D)
+                cyd_axpy_f(out, <float>placed[pos].w, g, D)
             else:
-                dots[pos] = cyd_dot_d(g, value + key * D, D)
-                cyd_axpy_d(buf + (key - row_lo) * D, sorted_w[pos], g, D)
+                dots[pos] = cyd_dot_d(g, v, D)
+                cyd_axpy_d(out, placed[pos].w, g, D)
         cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
 
 
@@ -979,25 +992,23 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                            floating* grad_value, floating* grad_loc, floating* grad_attn,
                            const floating* zeros, char* work, int threads, Py_ssize_t N, Py_ssize_t S,
                            Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
-    """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned, for keys, sorted_key,
-    sorted_row (int64) and dots (double) of 4 N Lq M L P slots, geo (2 doubles a point),
-    block_first (B + 1) and cursor (``threads`` x B + ``threads`` + 1, int64), then weights and sorted_w
-    (floating, a slot each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be
-    zeroed."""
+    """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned: the thread's block buffers,
+    then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot) and dots (double),
+    geo (2 doubles a point), block_first (B + 1) and cursor (``threads`` x B + ``threads``
+    + 1, int64), then weights (floating, a slot each); B = sparse_blocks(N S M, D,
+    itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef Py_ssize_t slots = 4 * R * LP
     cdef int shift = _sparse_block_shift(D, sizeof(floating))
     cdef Py_ssize_t B = _sparse_blocks(NB, D, sizeof(floating))
     cdef floating* block_bufs = <floating*>work
     cdef int64_t* keys = <int64_t*>(work + _sparse_bufs_bytes(D, sizeof(floating), threads))
-    cdef int64_t* sorted_key = keys + slots
-    cdef int64_t* sorted_row = sorted_key + slots
-    cdef double* dots = <double*>(sorted_row + slots)
+    cdef _Slot* placed = <_Slot*>(keys + slots)
+    cdef double* dots = <double*>(placed + slots)
     cdef double* geo = dots + slots
     cdef int64_t* block_first = <int64_t*>(geo + slots // 2)
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
-    cdef floating* sorted_w = weights + slots
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
     cdef Py_ssize_t t, r
     # One parallel region, a barrier after each phase (each prange's end), so the other
@@ -1015,13 +1026,12 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
         # 2. Thread t places its own rows' slots.
         for t in prange(threads, schedule="static"):
             _sparse_place(t * R // threads, (t + 1) * R // threads, keys, weights, cursor + t * B, shift, LP,
-                          sorted_key, sorted_row, sorted_w)
+                          placed)
         # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each summed in the
         #    thread's buffer (the slots' dots and scatters) and streamed out to grad_value.
         for t in prange(threads, schedule="static"):
             _sparse_sum_blocks(first_block[t], first_block[t + 1], grad_out, value, grad_value,
-                               block_bufs + t * (D << shift), block_first, sorted_key, sorted_row, sorted_w, dots,
-                               NB, D, shift, LP)
+                               block_bufs + t * (D << shift), block_first, placed, dots, NB, D, shift)
         # 4. Rows in parallel: the location and weight gradients.
         for r in prange(R, schedule="static"):
             _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
@@ -1261,30 +1271,30 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     return (out, grad) if backward else out
 
 
-def sparse_floor(value, const int64_t[::1] keys, const int64_t[::1] block_first):
+def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first):
     """Internal (benchmark floor of a sparse backward): the sparse method's memory traffic,
-    its phase 3 without the dot products and weights. value (N, S, M, D); ``keys``: the
-    value row (units of D) of every in-map corner, in the method's slot order bucketed
-    stably by block (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1): where
-    each block's slots start. The op's phase 3 with its split over threads, prefetch and
-    buffers, each slot's value row added with weight 1 into its block's buffer, which is
-    then streamed out. Returns that grad shaped like value (each row: its value row times
-    the number of slots at it). Internal: the keys are not checked (they must lie in
-    their blocks), as the op's internal arrays are not."""
+    its phase 3 without the dot products and weights. value (N, S, M, D); ``slots``
+    (slot_dtype): every in-map corner's placed slot, its value row within its block in
+    rk (r = 0), in the method's slot order bucketed stably by block
+    (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1): where each block's slots
+    start. The op's phase 3 with its split over threads, prefetch and buffers, each
+    slot's value row added with weight 1 into its block's buffer, which is then streamed
+    out. Returns that grad shaped like value (each row: its value row times the number of
+    slots at it)."""
     N, S, M, D = value.shape
     shift = _sparse_block_shift(D, value.itemsize)
     B = block_first.shape[0] - 1
-    if B != _sparse_blocks(N * S * M, D, value.itemsize) or block_first[B] != keys.shape[0]:
-        raise ValueError("block_first does not match value's blocks and the keys")
-    threads = _threads(keys.shape[0] * D)
+    if B != _sparse_blocks(N * S * M, D, value.itemsize) or block_first[B] != slots.shape[0]:
+        raise ValueError("block_first does not match value's blocks and the slots")
+    threads = _threads(slots.shape[0] * D)
     grad = _aligned_empty(value.shape, value.dtype)
     bufs = _aligned_empty(threads * (D << shift), value.dtype)
     first_block = np.empty(threads + 1, dtype=np.int64)
     if value.dtype == np.float32:
-        _sparse_floor_typed[float](value.reshape(-1), keys, block_first, grad.reshape(-1), bufs, first_block,
+        _sparse_floor_typed[float](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, first_block,
                                    D, shift, threads)
     else:
-        _sparse_floor_typed[double](value.reshape(-1), keys, block_first, grad.reshape(-1), bufs, first_block,
+        _sparse_floor_typed[double](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, first_block,
                                     D, shift, threads)
     return grad
 
@@ -1294,7 +1304,7 @@ def sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize):
     return _sparse_block_shift(D, itemsize)
 
 
-cdef _sparse_floor_typed(const floating[::1] value, const int64_t[::1] keys, const int64_t[::1] block_first,
+cdef _sparse_floor_typed(const floating[::1] value, const _Slot[::1] slots, const int64_t[::1] block_first,
                          floating[::1] grad, floating[::1] bufs, int64_t[::1] first_block, Py_ssize_t D,
                          int shift, int threads):
     cdef Py_ssize_t NB = value.shape[0] // D, B = block_first.shape[0] - 1, t
@@ -1302,8 +1312,7 @@ cdef _sparse_floor_typed(const floating[::1] value, const int64_t[::1] keys, con
         _split_blocks(&block_first[0], B, NB, shift, threads, &first_block[0])
         for t in prange(threads, schedule="static", num_threads=threads):
             _sparse_sum_blocks(first_block[t], first_block[t + 1], NULL, &value[0], &grad[0],
-                               &bufs[0] + t * (D << shift), &block_first[0], &keys[0], NULL, NULL, NULL,
-                               NB, D, shift, 0)
+                               &bufs[0] + t * (D << shift), &block_first[0], &slots[0], NULL, NB, D, shift)
 
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,

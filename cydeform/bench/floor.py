@@ -54,20 +54,24 @@ def corner_rows(value_shape, spatial_shapes, level_start_index, sampling_locatio
 
 
 def sparse_slots(rows, value_shape, itemsize):
-    """For a call whose backward is sparse (``_cpu.sparse_applies``): the value rows (in
-    units of D) of the in-map corners in ``rows`` (corner_rows, not head-major), in the
-    sparse method's order, slot order bucketed stably by grad_value block, and
-    block_first (B + 1), where each block's rows start: the arguments of
-    ``_cpu.sparse_floor``."""
+    """For a call whose backward is sparse (``_cpu.sparse_applies``): the placed slots
+    (``_cpu.slot_dtype``) of the in-map corners in ``rows`` (corner_rows, not head-major),
+    in the sparse method's order, slot order bucketed stably by grad_value block, each
+    with its value row within its block and weight 1, and block_first (B + 1), where
+    each block's slots start: the arguments of ``_cpu.sparse_floor``."""
     from cydeform import _cpu
 
     N, S, M, D = value_shape
     keys = rows.reshape(-1)
     keys = keys[keys >= 0] // D
-    block = keys >> _cpu._impl.sparse_block_shift(D, itemsize)
+    shift = _cpu._impl.sparse_block_shift(D, itemsize)
+    block = keys >> shift
     order = np.argsort(block, kind="stable")
     counts = np.bincount(block, minlength=_cpu._impl.sparse_blocks(N * S * M, D, itemsize))
-    return np.ascontiguousarray(keys[order]), np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    slots = np.empty(len(keys), dtype=_cpu._impl.slot_dtype())
+    slots["rk"] = keys[order] & ((1 << shift) - 1)
+    slots["w"] = 1.0
+    return slots, np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
 
 def copy_gbs(nbytes=256 << 20, repeat=5):
