@@ -84,7 +84,7 @@ def cpu_supports(str isa):
 cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
     void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
-    void cyd_prefetch_line(const void* p) noexcept nogil
+    void cyd_prefetch_line_l2(const void* p) noexcept nogil
     void cyd_accumulate_f(float* out, const float** ptr, const float* w, ptrdiff_t npts,
                           ptrdiff_t D) noexcept nogil
     void cyd_accumulate_d(double* out, const double** ptr, const double* w, ptrdiff_t npts,
@@ -876,12 +876,13 @@ def split_blocks(const int64_t[::1] block_first, Py_ssize_t rows, int shift, int
 
 
 cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_ssize_t count) noexcept nogil:
-    """Prefetches up to ``count`` 64-byte lines from ``ahead`` (not past ``end``); returns where it stopped."""
+    """Prefetches up to ``count`` 64-byte lines from ``ahead`` (not past ``end``) into the L2;
+    returns where it stopped."""
     cdef Py_ssize_t j
     for j in range(count):
         if ahead >= end:
             break
-        cyd_prefetch_line(ahead)
+        cyd_prefetch_line_l2(ahead)
         ahead += 64
     return ahead
 
@@ -946,12 +947,12 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
                                     const int64_t* block_first, const _Slot* placed, double* dots,
                                     Py_ssize_t NB, Py_ssize_t D, int shift) noexcept nogil:
     """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
-    scatters, then streamed out to grad_value; the next block's value rows prefetched in
-    address order meanwhile, spread over the block's slots. With ``dots`` NULL, the
+    scatters, then streamed out to grad_value; the next block's value rows prefetched
+    (into the L2) in address order meanwhile, spread over the block's slots. With ``dots`` NULL, the
     benchmark's floor (sparse_floor): each slot's value row added with weight 1, no dot
     (the floor's slots have r = 0)."""
     cdef Py_ssize_t blk, row_lo, row_hi, pos, lo, hi, step
-    cdef int64_t rk, mask = (1 << shift) - 1
+    cdef int64_t rk, k, mask = (1 << shift) - 1
     cdef floating* out
     cdef const floating* v
     cdef const floating* g
@@ -969,8 +970,9 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
         for pos in range(lo, hi):
             ahead = _prefetch_lines(ahead, ahead_end, step)
             rk = placed[pos].rk
-            out = buf + (rk & mask) * D
-            v = value + (row_lo + (rk & mask)) * D
+            k = rk & mask
+            out = buf + k * D
+            v = value + (row_lo + k) * D
             if dots == NULL:
                 if floating is float:
                     cyd_axpy_f(out, 1, v, D)
