@@ -696,7 +696,8 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 #    slot order (n, q, m, l, p, corner); each point's (lx, ly) is kept;
 # 2. the slots bucketed, stably, by block of grad_value rows (_SPARSE_BLOCK_BYTES of
 #    grad_value each, so a block stays in L2): each thread counts (during 1) and places
-#    the slots of its own rows, blocks filled thread after thread;
+#    the slots of its own rows, blocks filled thread after thread; a point's corners 0
+#    and 1 (2 and 3: the next texel in x) as one record where both are in one block;
 # 3. per block, one range of blocks per thread (ranges of about equal work, _split_blocks):
 #    the block summed in a per-thread buffer, zeroed first, then for each of its slots
 #    in slot order the dot product g . value[key] (kept per slot) and buf[key] += A w_c g;
@@ -710,23 +711,26 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 # backward with one query chunk, and each dot has the dense backward's lanes and
 # reduction: both methods give the same bits (tests/test_cpu.py). Measured against the
 # previous method (dots in phase 1 from random gathers, grad_value zeroed and added to
-# in place): benchmarks/cpu_log.md, 17-21.
+# in place): benchmarks/cpu_log.md, 17-21; pairs: 35.
 
 cdef enum:
     _SPARSE_BLOCK_BYTES = 128 * 1024
 
 
-# A slot placed in its block (phase 2), everything phase 3 needs in one 16-byte record:
-# rk = r << shift | k, the slot's grad_output row r and its grad_value row k within the
-# block, and its weight w (a float weight is exact in a double).
+# A record placed in its block (phase 2), everything phase 3 needs: one slot, or two
+# (a pair): corners 0 and 1, or 2 and 3, of a point, both in the map and in one block,
+# whose grad_value rows are k and k + M. rk = (r << shift | k) << 1 | pair: the
+# grad_output row r, the (first) row k within the block; the weights w0 (and w1), a
+# float weight exact in a double.
 ctypedef struct _Slot:
     int64_t rk
-    double w
+    double w0
+    double w1
 
 
 def slot_dtype():
-    """Internal: the numpy dtype of a placed slot (_Slot), for the benchmark's floor."""
-    return np.dtype([("rk", np.int64), ("w", np.float64)])
+    """Internal: the numpy dtype of a placed record (_Slot), for the benchmark's floor."""
+    return np.dtype([("rk", np.int64), ("w0", np.float64), ("w1", np.float64)])
 
 
 cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
@@ -770,7 +774,7 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (4 * slots + slots // 2 + B + 1 + threads * B + threads + 1) + itemsize * slots)
+            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1) + itemsize * slots)
 
 
 def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
@@ -847,8 +851,8 @@ cdef inline void _sparse_gradients(const int64_t* shapes, Py_ssize_t L, Py_ssize
 cdef void _split_blocks(const int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift, int threads,
                         int64_t* first_block) noexcept nogil:
     """Phase 3 of the sparse backward: thread t takes blocks [first_block[t], first_block[t + 1]),
-    ranges of about equal work, rows (zeroed, streamed out) plus slots (a dot and a
-    scatter each), rather than of equal block counts: a decoder call's coarse levels put
+    ranges of about equal work, rows (zeroed, streamed out) plus records (one or two
+    dots and scatters each), rather than of equal block counts: a decoder call's coarse levels put
     half of its slots in its last few blocks. Rows and slots weigh the same: of the
     weights 0 to 4 for a slot against a row, 1 was fastest or within noise of it (2
     threads, benchmarks/cpu_log.md, 19). Which thread does a block never changes its bits."""
@@ -893,18 +897,22 @@ cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const int64_t* 
                                int64_t* count, Py_ssize_t B, int shift, Py_ssize_t S, Py_ssize_t M,
                                Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     """Phase 1 for rows [r_lo, r_hi) in order: _sparse_row, and in count[blk] (zeroed
-    first, B entries) how many of their slots fall in block blk."""
+    first, B entries) how many of their records (a pair or a slot, see _Slot) fall in
+    block blk."""
     cdef Py_ssize_t LP = L * P, r, j
-    cdef int64_t key
+    cdef int64_t key, key1
     memset(count, 0, B * sizeof(int64_t))
     for r in range(r_lo, r_hi):
         _sparse_row(shapes, starts, L, P, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
                     grad_attn + r * LP, M, (r // (Lq * M)) * S * M + r % M, keys + r * LP * 4,
                     weights + r * LP * 4, geo + r * LP * 2)
-        for j in range(LP * 4):
+        for j in range(0, LP * 4, 2):
             key = keys[r * LP * 4 + j]
+            key1 = keys[r * LP * 4 + j + 1]
             if key >= 0:
                 count[key >> shift] += 1
+            if key1 >= 0 and (key < 0 or key1 >> shift != key >> shift):
+                count[key1 >> shift] += 1
 
 
 cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift,
@@ -928,24 +936,39 @@ cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize
 cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, const floating* weights,
                                int64_t* cursor, int shift, Py_ssize_t LP, _Slot* placed) noexcept nogil:
     """Phase 2 for rows [r_lo, r_hi): their slots placed at the thread's cursors (one per
-    block); keys[e] becomes the slot's position, where phase 3 puts its dot."""
-    cdef Py_ssize_t r, e
-    cdef int64_t key, pos, mask = (1 << shift) - 1
+    block), corners 0 and 1 (2 and 3) of a point as one record where they can be; keys[e]
+    becomes where phase 3 puts the slot's dot, 2 pos (+ 1, a pair's second) for the
+    record at pos."""
+    cdef Py_ssize_t r, e, i
+    cdef int64_t key, key1, pos, mask = (1 << shift) - 1
     for r in range(r_lo, r_hi):
-        for e in range(r * LP * 4, (r + 1) * LP * 4):
+        for e in range(r * LP * 4, (r + 1) * LP * 4, 2):
             key = keys[e]
-            if key >= 0:
+            key1 = keys[e + 1]
+            if key >= 0 and key1 >= 0 and key >> shift == key1 >> shift:
+                # key1 = key + M: the next texel in x.
                 pos = cursor[key >> shift]
                 cursor[key >> shift] = pos + 1
-                placed[pos].rk = (r << shift) | (key & mask)
-                placed[pos].w = weights[e]
-                keys[e] = pos
+                placed[pos].rk = (((r << shift) | (key & mask)) << 1) | 1
+                placed[pos].w0 = weights[e]
+                placed[pos].w1 = weights[e + 1]
+                keys[e] = 2 * pos
+                keys[e + 1] = 2 * pos + 1
+                continue
+            for i in range(e, e + 2):
+                key = keys[i]
+                if key >= 0:
+                    pos = cursor[key >> shift]
+                    cursor[key >> shift] = pos + 1
+                    placed[pos].rk = ((r << shift) | (key & mask)) << 1
+                    placed[pos].w0 = weights[i]
+                    keys[i] = 2 * pos
 
 
 cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const floating* grad_out,
                                     const floating* value, floating* grad_value, floating* buf,
                                     const int64_t* block_first, const _Slot* placed, double* dots,
-                                    Py_ssize_t NB, Py_ssize_t D, int shift) noexcept nogil:
+                                    Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift) noexcept nogil:
     """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
     scatters, then streamed out to grad_value; the next block's value rows prefetched
     (into the L2) in address order meanwhile, spread over the block's slots. With ``dots`` NULL, the
@@ -970,7 +993,7 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
         for pos in range(lo, hi):
             ahead = _prefetch_lines(ahead, ahead_end, step)
             rk = placed[pos].rk
-            k = rk & mask
+            k = (rk >> 1) & mask
             out = buf + k * D
             v = value + (row_lo + k) * D
             if dots == NULL:
@@ -979,13 +1002,19 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
                 else:
                     cyd_axpy_d(out, 1, v, D)
                 continue
-            g = grad_out + (rk >> shift) * D
+            g = grad_out + (rk >> (shift + 1)) * D
             if floating is float:
-                dots[pos] = cyd_dot_f(g, v, D)
-                cyd_axpy_f(out, <float>placed[pos].w, g, D)
+                dots[2 * pos] = cyd_dot_f(g, v, D)
+                cyd_axpy_f(out, <float>placed[pos].w0, g, D)
+                if rk & 1:
+                    dots[2 * pos + 1] = cyd_dot_f(g, v + M * D, D)
+                    cyd_axpy_f(out + M * D, <float>placed[pos].w1, g, D)
             else:
-                dots[pos] = cyd_dot_d(g, v, D)
-                cyd_axpy_d(out, placed[pos].w, g, D)
+                dots[2 * pos] = cyd_dot_d(g, v, D)
+                cyd_axpy_d(out, placed[pos].w0, g, D)
+                if rk & 1:
+                    dots[2 * pos + 1] = cyd_dot_d(g, v + M * D, D)
+                    cyd_axpy_d(out + M * D, placed[pos].w1, g, D)
         cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
 
 
@@ -995,7 +1024,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                            const floating* zeros, char* work, int threads, Py_ssize_t N, Py_ssize_t S,
                            Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned: the thread's block buffers,
-    then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot) and dots (double),
+    then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
+    unused) and two dots (double),
     geo (2 doubles a point), block_first (B + 1) and cursor (``threads`` x B + ``threads``
     + 1, int64), then weights (floating, a slot each); B = sparse_blocks(N S M, D,
     itemsize). grad_value need not be zeroed."""
@@ -1007,7 +1037,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* keys = <int64_t*>(work + _sparse_bufs_bytes(D, sizeof(floating), threads))
     cdef _Slot* placed = <_Slot*>(keys + slots)
     cdef double* dots = <double*>(placed + slots)
-    cdef double* geo = dots + slots
+    cdef double* geo = dots + 2 * slots
     cdef int64_t* block_first = <int64_t*>(geo + slots // 2)
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
@@ -1033,7 +1063,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
         #    thread's buffer (the slots' dots and scatters) and streamed out to grad_value.
         for t in prange(threads, schedule="static"):
             _sparse_sum_blocks(first_block[t], first_block[t + 1], grad_out, value, grad_value,
-                               block_bufs + t * (D << shift), block_first, placed, dots, NB, D, shift)
+                               block_bufs + t * (D << shift), block_first, placed, dots, NB, D, M, shift)
         # 4. Rows in parallel: the location and weight gradients.
         for r in prange(R, schedule="static"):
             _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
@@ -1314,7 +1344,7 @@ cdef _sparse_floor_typed(const floating[::1] value, const _Slot[::1] slots, cons
         _split_blocks(&block_first[0], B, NB, shift, threads, &first_block[0])
         for t in prange(threads, schedule="static", num_threads=threads):
             _sparse_sum_blocks(first_block[t], first_block[t + 1], NULL, &value[0], &grad[0],
-                               &bufs[0] + t * (D << shift), &block_first[0], &slots[0], NULL, NB, D, shift)
+                               &bufs[0] + t * (D << shift), &block_first[0], &slots[0], NULL, NB, D, 0, shift)
 
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,

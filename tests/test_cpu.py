@@ -278,6 +278,42 @@ def test_sparse_backward_nonfinite_grad_output_at_a_border_point(restore_threads
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_threads, M):
+    """The sparse method places a point's corners 0 and 1 (2 and 3) as one record where
+    both are in the map and in one grad_value block. With 2 rows a block (D = 4096
+    float64) many such pairs straddle a block boundary and go as two records, others as
+    one: the same bits as the dense method either way, for any thread count."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(M)
+    shapes = np.array([[6, 7], [3, 4]], dtype=np.int64)
+    starts = np.array([0, 42], dtype=np.int64)
+    N, S, D, Lq, L, P = 2, 54, 4096, 6, 2, 2
+    shift = _cpu._impl.sparse_block_shift(D, 8)
+    assert shift == 2 and _cpu._impl.sparse_applies(S, Lq, L, P)
+    value = rng.standard_normal((N, S, M, D))
+    loc = rng.uniform(0.05, 0.95, (N, Lq, M, L, P, 2))
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P))
+    g = rng.standard_normal((N, Lq, M * D))
+    # Corner 0's grad_value row where corner 1 is in the map too: both kinds of pair occur.
+    H, W = shapes[:, 0][None, None, None, :, None], shapes[:, 1][None, None, None, :, None]
+    x0 = np.floor(loc[..., 0] * W - 0.5).astype(np.int64)
+    y0 = np.floor(loc[..., 1] * H - 0.5).astype(np.int64)
+    n = np.arange(N)[:, None, None, None, None]
+    m = np.arange(M)[None, None, :, None, None]
+    key = n * S * M + (starts[None, None, None, :, None] + y0 * W + x0) * M + m
+    both = (x0 >= 0) & (x0 + 1 < W) & (y0 >= 0) & (y0 < H)
+    straddle = (key >> shift) != ((key + M) >> shift)
+    assert (both & straddle).any() and (both & ~straddle).any()
+    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
+        for a, b in zip(sparse, dense):
+            assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("dtype,D,misalign", [(np.float32, 32, 4), (np.float32, 11, 12), (np.float64, 33, 8)])
 def test_sparse_backward_c_entry_point_writes_a_misaligned_grad_value(restore_threads, dtype, D, misalign):
     """The C entry point (what cydeform.jax calls) writes grad_value wherever the caller's

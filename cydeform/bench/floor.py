@@ -69,8 +69,9 @@ def sparse_slots(rows, value_shape, itemsize):
     order = np.argsort(block, kind="stable")
     counts = np.bincount(block, minlength=_cpu._impl.sparse_blocks(N * S * M, D, itemsize))
     slots = np.empty(len(keys), dtype=_cpu._impl.slot_dtype())
-    slots["rk"] = keys[order] & ((1 << shift) - 1)
-    slots["w"] = 1.0
+    slots["rk"] = (keys[order] & ((1 << shift) - 1)) << 1  # one slot a record, no pairs
+    slots["w0"] = 1.0
+    slots["w1"] = 0.0
     return slots, np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
 
