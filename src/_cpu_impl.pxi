@@ -103,6 +103,14 @@ cdef extern from "msda_inner.h":
     void cyd_axpy_d(double* out, double w, const double* x, ptrdiff_t D) noexcept nogil
     double cyd_dot_f(const float* g, const float* v, ptrdiff_t D) noexcept nogil
     double cyd_dot_d(const double* g, const double* v, ptrdiff_t D) noexcept nogil
+    void cyd_sparse_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const double* Wd,
+                               const double* Hd, const int64_t* Wi, const int64_t* Hi, const int64_t* base,
+                               int64_t key_nm, int64_t M, int64_t* keys, float* weights, double* geo,
+                               signed char* status) noexcept nogil
+    void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const double* Wd,
+                               const double* Hd, const int64_t* Wi, const int64_t* Hi, const int64_t* base,
+                               int64_t key_nm, int64_t M, int64_t* keys, double* weights, double* geo,
+                               signed char* status) noexcept nogil
 
 # 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
 cdef int _num_threads = 0
@@ -774,7 +782,8 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1) + itemsize * slots)
+            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 5 * L * P) + itemsize * slots
+            + threads * L * P)
 
 
 def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L,
@@ -783,39 +792,54 @@ def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py
     return _sparse_work_bytes(N, S, M, D, Lq, L, P, itemsize, threads)
 
 
-cdef inline void _sparse_row(const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
-                             const floating* loc, const floating* attn, floating* grad_loc, floating* grad_attn,
-                             Py_ssize_t M, int64_t key_nm, int64_t* keys, floating* weights,
-                             double* geo) noexcept nogil:
+# Per point k of a row (level l = k // P), what phase 1 needs of its level: W and H as
+# doubles and as int64, and starts[l] M; set up once a call (_sparse_levels).
+ctypedef struct _Levels:
+    double* Wd
+    double* Hd
+    int64_t* Wi
+    int64_t* Hi
+    int64_t* base
+
+
+cdef inline void _sparse_levels(const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
+                                Py_ssize_t M, int64_t* area, _Levels* lv) noexcept nogil:
+    """The per-point level tables in ``area`` (5 L P int64)."""
+    cdef Py_ssize_t LP = L * P, k
+    lv.Wd = <double*>area
+    lv.Hd = lv.Wd + LP
+    lv.Wi = <int64_t*>(lv.Hd + LP)
+    lv.Hi = lv.Wi + LP
+    lv.base = lv.Hi + LP
+    for k in range(LP):
+        lv.Hi[k] = shapes[2 * (k // P)]
+        lv.Wi[k] = shapes[2 * (k // P) + 1]
+        lv.Hd[k] = <double>lv.Hi[k]
+        lv.Wd[k] = <double>lv.Wi[k]
+        lv.base[k] = starts[k // P] * M
+
+
+cdef inline void _sparse_row(const _Levels* lv, Py_ssize_t LP, const floating* loc, const floating* attn,
+                             floating* grad_loc, floating* grad_attn, Py_ssize_t M, int64_t key_nm,
+                             int64_t* keys, floating* weights, double* geo, signed char* status) noexcept nogil:
     """Phase 1 of the sparse backward for one (n, q, m) row: keys[4k + c], the grad_value
     row (in units of D) of corner c of point k, or -1 outside the map; weights[4k + c],
     its weight A w_c; geo[2k : 2k + 2] = (lx, ly), or lx = -1 for a point whose cell holds
     no texel or whose location is not finite, whose gradients are final here (zero, or
-    NaN). ``key_nm`` is the key of position 0, n S M + m."""
-    cdef Py_ssize_t l, p, c, k
-    cdef int64_t idx[4]
-    cdef double lx, ly, a
-    cdef double w[4]
-    cdef int status
-    for l in range(L):
-        for p in range(P):
-            k = l * P + p
-            status = _corners(loc[2 * k], loc[2 * k + 1], shapes[2 * l], shapes[2 * l + 1], idx, &lx, &ly)
-            if status <= 0:
-                grad_attn[k] = NAN if status < 0 else 0
-                grad_loc[2 * k] = grad_attn[k]
-                grad_loc[2 * k + 1] = grad_attn[k]
-                geo[2 * k] = -1
-                for c in range(4):
-                    keys[4 * k + c] = -1
-                continue
-            geo[2 * k] = lx
-            geo[2 * k + 1] = ly
-            a = attn[k]
-            _bilinear(lx, ly, w)
-            for c in range(4):
-                keys[4 * k + c] = key_nm + (starts[l] + idx[c]) * M if idx[c] >= 0 else -1
-                weights[4 * k + c] = <floating>(a * w[c])
+    NaN). ``key_nm`` is the key of position 0, n S M + m; ``status``: LP bytes of scratch.
+    The geometry is cyd_sparse_geometry (src/msda_inner.h)."""
+    cdef Py_ssize_t k
+    if floating is float:
+        cyd_sparse_geometry_f(loc, attn, LP, lv.Wd, lv.Hd, lv.Wi, lv.Hi, lv.base, key_nm, M, keys, weights,
+                              geo, status)
+    else:
+        cyd_sparse_geometry_d(loc, attn, LP, lv.Wd, lv.Hd, lv.Wi, lv.Hi, lv.base, key_nm, M, keys, weights,
+                              geo, status)
+    for k in range(LP):
+        if status[k] <= 0:
+            grad_attn[k] = NAN if status[k] < 0 else 0
+            grad_loc[2 * k] = grad_attn[k]
+            grad_loc[2 * k + 1] = grad_attn[k]
 
 
 cdef inline void _sparse_gradients(const int64_t* shapes, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
@@ -891,7 +915,7 @@ cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_s
     return ahead
 
 
-cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const int64_t* shapes, const int64_t* starts,
+cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const _Levels* lv, signed char* status,
                                const floating* loc, const floating* attn, floating* grad_loc,
                                floating* grad_attn, int64_t* keys, floating* weights, double* geo,
                                int64_t* count, Py_ssize_t B, int shift, Py_ssize_t S, Py_ssize_t M,
@@ -903,9 +927,9 @@ cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const int64_t* 
     cdef int64_t key, key1
     memset(count, 0, B * sizeof(int64_t))
     for r in range(r_lo, r_hi):
-        _sparse_row(shapes, starts, L, P, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2,
-                    grad_attn + r * LP, M, (r // (Lq * M)) * S * M + r % M, keys + r * LP * 4,
-                    weights + r * LP * 4, geo + r * LP * 2)
+        _sparse_row(lv, LP, loc + r * LP * 2, attn + r * LP, grad_loc + r * LP * 2, grad_attn + r * LP, M,
+                    (r // (Lq * M)) * S * M + r % M, keys + r * LP * 4, weights + r * LP * 4, geo + r * LP * 2,
+                    status)
         for j in range(0, LP * 4, 2):
             key = keys[r * LP * 4 + j]
             key1 = keys[r * LP * 4 + j + 1]
@@ -1025,10 +1049,10 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                            Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned: the thread's block buffers,
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
-    unused) and two dots (double),
-    geo (2 doubles a point), block_first (B + 1) and cursor (``threads`` x B + ``threads``
-    + 1, int64), then weights (floating, a slot each); B = sparse_blocks(N S M, D,
-    itemsize). grad_value need not be zeroed."""
+    unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
+    cursor (``threads`` x B + ``threads`` + 1, int64), weights (floating, a slot each),
+    the level tables (_Levels, 5 L P int64) and a status byte a point per thread (L P
+    each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef Py_ssize_t slots = 4 * R * LP
     cdef int shift = _sparse_block_shift(D, sizeof(floating))
@@ -1041,17 +1065,21 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* block_first = <int64_t*>(geo + slots // 2)
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
+    cdef int64_t* level_area = <int64_t*>(weights + slots)  # slots is a multiple of 4: 8-byte aligned
+    cdef signed char* status = <signed char*>(level_area + 5 * LP)
+    cdef _Levels lv
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
     cdef Py_ssize_t t, r
     # One parallel region, a barrier after each phase (each prange's end), so the other
     # threads are woken once a call, not once a phase: the same speed with libgomp's
     # default wait policy, 4-6 % faster at 2 threads with OMP_WAIT_POLICY=passive
     # (benchmarks/cpu_log.md, 21).
+    _sparse_levels(shapes, starts, L, P, M, level_area, &lv)
     with parallel(num_threads=threads):
         # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: the slots and geometry, and
         #    in cursor[t B + blk] how many of its slots fall in blk.
         for t in prange(threads, schedule="static"):
-            _sparse_slots(t * R // threads, (t + 1) * R // threads, shapes, starts, loc, attn, grad_loc,
+            _sparse_slots(t * R // threads, (t + 1) * R // threads, &lv, status + t * LP, loc, attn, grad_loc,
                           grad_attn, keys, weights, geo, cursor + t * B, B, shift, S, M, Lq, L, P)
         for t in prange(1, schedule="static"):
             _sparse_offsets(cursor, block_first, B, NB, shift, threads, first_block)

@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #define restrict __restrict  /* MSVC's C mode spells C99 restrict this way */
@@ -262,5 +263,106 @@ CYD_DEFINE_INNER(float, f)
 CYD_DEFINE_INNER(double, d)
 CYD_DEFINE_ENTRY_POINTS(float, f)
 CYD_DEFINE_ENTRY_POINTS(double, d)
+
+/* ------------------------------------------------------------------ sparse geometry */
+/* Phase 1 of the sparse backward for the n points of one row (_sparse_row in
+ * src/_cpu_impl.pxi has the semantics): for point k, with its level's width and height
+ * Wd[k], Hd[k] (also as Wi[k], Hi[k]) and key_nm + base[k] the grad_value row of the
+ * level's position 0: keys[4k + c], the grad_value row of corner c, or -1 outside the map;
+ * weights[4k + c] = (T)(a w_c); geo[2k : 2k + 2] = (lx, ly), or lx = -1 with status[k]
+ * 0 (cell without texel) or -1 (location not finite); status[k] = 1 otherwise.
+ * Eight points at a time through vector types where GCC/Clang has them: the same double
+ * arithmetic as one at a time (floor(x) by truncation and a correction, exact for the
+ * x in [-1, W) that get here; x is never -0), so the same bits. */
+#define CYD_GEOMETRY_ONE(T, k)                                                                \
+    do {                                                                                      \
+        double lxv = loc[2 * (k)], lyv = loc[2 * (k) + 1];                                    \
+        int fin = (lxv - lxv == 0) && (lyv - lyv == 0);                                       \
+        double x = lxv * Wd[k] - 0.5, y = lyv * Hd[k] - 0.5;                                  \
+        if (!fin || !(x >= -1.0 && x < Wd[k] && y >= -1.0 && y < Hd[k])) {                    \
+            status[k] = fin ? 0 : -1;                                                         \
+            geo[2 * (k)] = -1;                                                                \
+            keys[4 * (k)] = keys[4 * (k) + 1] = keys[4 * (k) + 2] = keys[4 * (k) + 3] = -1;   \
+            break;                                                                            \
+        }                                                                                     \
+        double x0f = floor(x), y0f = floor(y);                                                \
+        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f, Wk = Wi[k];                             \
+        double lx = x - x0f, ly = y - y0f, a = attn[k];                                       \
+        int iy0 = y0 >= 0, iy1 = y0 + 1 < Hi[k], ix0 = x0 >= 0, ix1 = x0 + 1 < Wk;            \
+        int64_t b = key_nm + base[k] + (y0 * Wk + x0) * M;                                    \
+        keys[4 * (k)] = iy0 && ix0 ? b : -1;                                                  \
+        keys[4 * (k) + 1] = iy0 && ix1 ? b + M : -1;                                          \
+        keys[4 * (k) + 2] = iy1 && ix0 ? b + Wk * M : -1;                                     \
+        keys[4 * (k) + 3] = iy1 && ix1 ? b + Wk * M + M : -1;                                 \
+        weights[4 * (k)] = (T)(a * ((1.0 - ly) * (1.0 - lx)));                                \
+        weights[4 * (k) + 1] = (T)(a * ((1.0 - ly) * lx));                                    \
+        weights[4 * (k) + 2] = (T)(a * (ly * (1.0 - lx)));                                    \
+        weights[4 * (k) + 3] = (T)(a * (ly * lx));                                            \
+        geo[2 * (k)] = lx;                                                                    \
+        geo[2 * (k) + 1] = ly;                                                                \
+        status[k] = 1;                                                                        \
+    } while (0)
+
+#if defined(__GNUC__)
+typedef double cyd_v8d __attribute__((vector_size(8 * sizeof(double))));
+typedef int64_t cyd_v8l __attribute__((vector_size(8 * sizeof(int64_t))));
+#endif
+
+#define CYD_DEFINE_GEOMETRY(T, SUF)                                                           \
+static inline void cyd_sparse_geometry_##SUF(                                                 \
+        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const double *restrict Wd, \
+        const double *restrict Hd, const int64_t *restrict Wi, const int64_t *restrict Hi,    \
+        const int64_t *restrict base, int64_t key_nm, int64_t M, int64_t *restrict keys,      \
+        T *restrict weights,                                                                  \
+        double *restrict geo, signed char *restrict status) {                                 \
+    ptrdiff_t k = 0;                                                                          \
+    CYD_GEOMETRY_VECTOR(T)                                                                    \
+    for (; k < n; ++k) CYD_GEOMETRY_ONE(T, k);                                                \
+}
+
+#if defined(__GNUC__)
+#define CYD_GEOMETRY_VECTOR(T)                                                                \
+    for (; k + 8 <= n; k += 8) {                                                              \
+        cyd_v8d lxv, lyv, W, H, a;                                                            \
+        cyd_v8l Wk, Hk, bk;                                                                   \
+        for (int i = 0; i < 8; ++i) {                                                         \
+            lxv[i] = loc[2 * (k + i)]; lyv[i] = loc[2 * (k + i) + 1];                         \
+            W[i] = Wd[k + i]; H[i] = Hd[k + i]; Wk[i] = Wi[k + i]; Hk[i] = Hi[k + i];         \
+            bk[i] = key_nm + base[k + i]; a[i] = attn[k + i];                                 \
+        }                                                                                     \
+        cyd_v8l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
+        cyd_v8d x = lxv * W - 0.5, y = lyv * H - 0.5;                                         \
+        cyd_v8l in = fin & (x >= -1.0) & (x < W) & (y >= -1.0) & (y < H);                     \
+        /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
+        x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
+        y = (cyd_v8d)((cyd_v8l)y & in);                                                       \
+        cyd_v8l x0 = __builtin_convertvector(x, cyd_v8l), y0 = __builtin_convertvector(y, cyd_v8l); \
+        x0 += (cyd_v8l)(__builtin_convertvector(x0, cyd_v8d) > x); /* -1 where trunc > floor */ \
+        y0 += (cyd_v8l)(__builtin_convertvector(y0, cyd_v8d) > y);                            \
+        cyd_v8d lx = x - __builtin_convertvector(x0, cyd_v8d);                                \
+        cyd_v8d ly = y - __builtin_convertvector(y0, cyd_v8d);                                \
+        cyd_v8l iy0 = in & (y0 >= 0), iy1 = in & (y0 + 1 < Hk), ix0 = x0 >= 0, ix1 = x0 + 1 < Wk; \
+        cyd_v8l b = bk + (y0 * Wk + x0) * M;                                                  \
+        cyd_v8l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
+        cyd_v8l k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                               \
+        cyd_v8l k2 = ((b + Wk * M) & m2) | ~m2, k3 = ((b + Wk * M + M) & m3) | ~m3;           \
+        cyd_v8d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
+        cyd_v8d w0 = a * (hy * hx), w1 = a * (hy * lx), w2 = a * (ly * hx), w3 = a * (ly * lx); \
+        cyd_v8d gx = (cyd_v8d)(((cyd_v8l)lx & in) | ((cyd_v8l)(cyd_v8d){-1, -1, -1, -1, -1, -1, -1, -1} & ~in)); \
+        for (int i = 0; i < 8; ++i) {                                                         \
+            keys[4 * (k + i)] = k0[i]; keys[4 * (k + i) + 1] = k1[i];                         \
+            keys[4 * (k + i) + 2] = k2[i]; keys[4 * (k + i) + 3] = k3[i];                     \
+            weights[4 * (k + i)] = (T)w0[i]; weights[4 * (k + i) + 1] = (T)w1[i];             \
+            weights[4 * (k + i) + 2] = (T)w2[i]; weights[4 * (k + i) + 3] = (T)w3[i];         \
+            geo[2 * (k + i)] = gx[i]; geo[2 * (k + i) + 1] = ly[i];                           \
+            status[k + i] = in[i] ? 1 : (fin[i] ? 0 : -1);                                    \
+        }                                                                                     \
+    }
+#else
+#define CYD_GEOMETRY_VECTOR(T)
+#endif
+
+CYD_DEFINE_GEOMETRY(float, f)
+CYD_DEFINE_GEOMETRY(double, d)
 
 #endif

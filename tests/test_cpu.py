@@ -314,6 +314,53 @@ def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_thread
             assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_backward_geometry_eight_points_at_a_time(restore_threads, dtype):
+    """The sparse method's geometry takes a row's points 8 at a time (vector types) and
+    the rest one at a time (cyd_sparse_geometry, src/msda_inner.h); the dense method
+    takes them one at a time. With L P = 12 (one group of 8, then 4) and locations that
+    hit every case (not finite, outside the map, on the cell edges x = -1 and
+    x = W - 1, on texel centres, on the border), both give the same bits, in every
+    instruction-set build."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(12)
+    shapes = np.array([[7, 9], [4, 5], [2, 3]], dtype=np.int64)
+    starts = np.array([0, 63, 83], dtype=np.int64)
+    N, S, M, D, Lq, L, P = 2, 89, 3, 8, 7, 3, 4
+    assert _cpu._impl.sparse_applies(S, Lq, L, P) and L * P % 8 != 0
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(-0.3, 1.3, (N, Lq, M, L, P, 2))
+    Wl = shapes[:, 1].astype(float)[:, None]  # (L, 1), against (N, M, L, P)
+    Hl = shapes[:, 0].astype(float)[:, None]
+    loc[:, 1, :, :, :, 0] = -0.5 / Wl  # x = -1: the first cell edge, corners x0 outside
+    loc[:, 2, :, :, :, 0] = (Wl - 0.5) / Wl  # x = W - 1: the last texel centre
+    loc[:, 3, :, :, :, 1] = 0.5 / Hl  # y = 0: the first texel row
+    loc[:, 4, :, :, :, 0] = (np.arange(P) * 2 % shapes[:, 1][:, None] + 0.5) / Wl  # texel centres: lx = 0
+    loc[:, 5, 1, 0, 1] = [np.nan, 0.5]
+    loc[:, 5, 1, 1, 2] = [0.5, np.inf]
+    loc[:, 5, 2, 2, 3] = [-np.inf, -np.inf]
+    loc[:, 6, :, :, :, 0] = rng.choice([-0.6, 1.6], (N, M, L, P))  # cells without a texel
+    loc = loc.astype(dtype)
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
+    g = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
+    for threads in (1, 2):
+        cydeform.set_num_threads(threads)
+        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
+        for a, b in zip(sparse, dense):
+            assert a.tobytes() == b.tobytes()
+    assert np.isnan(sparse[2][:, 5, 1, 0, 1]).all() and (sparse[2][:, 6] == 0).all()
+    # and every instruction-set build this processor runs (the baseline one without AVX)
+    import importlib
+
+    for isa in _cpu.available_isas():
+        other = importlib.import_module(f"cydeform._cpu_{isa}").backward(g, value, shapes, starts, loc, attn,
+                                                                        method="sparse")
+        for a, b in zip(other, dense):
+            assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("dtype,D,misalign", [(np.float32, 32, 4), (np.float32, 11, 12), (np.float64, 33, 8)])
 def test_sparse_backward_c_entry_point_writes_a_misaligned_grad_value(restore_threads, dtype, D, misalign):
     """The C entry point (what cydeform.jax calls) writes grad_value wherever the caller's
