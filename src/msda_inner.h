@@ -1,5 +1,5 @@
 /* Inner loops of the Cython CPU backend (src/_cpu_impl.pxi) over the D channels of one
- * head.
+ * head, and the sparse backward's geometry over a row's points (at the end).
  *
  * They live in C for `restrict`, which Cython cannot spell: it tells the compiler that
  * the rows written never overlap the rows read, so the loops vectorise without run-time
