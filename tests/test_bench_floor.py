@@ -115,3 +115,21 @@ def test_paired_speedup_is_the_ratio_of_one_thread_to_many_in_the_same_rounds():
         assert cydeform.get_num_threads() == 2  # left at the row's thread count
     finally:
         cydeform.set_num_threads(before)
+
+
+def test_paired_ratio_is_the_ratio_of_two_calls_in_the_same_rounds():
+    from cydeform.bench.cpu import paired_ratio
+
+    calls = []
+
+    def slow():  # twice as long as fast
+        calls.append("a")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("b")
+        time.sleep(0.002)
+
+    ratio = paired_ratio(slow, fast, 3)
+    assert 1.4 < ratio < 2.8
+    assert calls == ["a", "b"] * 4  # a warm-up of each, then a then b in each of 3 rounds

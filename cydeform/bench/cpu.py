@@ -74,6 +74,23 @@ def paired_speedup(fn, threads, repeat):
     return statistics.median(ratios)
 
 
+def paired_ratio(fn, ref, repeat):
+    """Median over rounds of (``fn``'s time / ``ref``'s time), the two run back to back in
+    each round (after a warm-up of each), for the same reason as paired_speedup: the
+    benchmark's "x floor" under a drifting machine."""
+    fn()
+    ref()
+    ratios = []
+    for _ in range(max(3, repeat)):
+        pair = []
+        for f in (fn, ref):
+            t0 = time.perf_counter()
+            f()
+            pair.append(time.perf_counter() - t0)
+        ratios.append(pair[0] / pair[1])
+    return statistics.median(ratios)
+
+
 def torch_reference():
     """The PyTorch grid_sample reference (Deformable DETR's ms_deform_attn_core_pytorch), or None."""
     try:
@@ -109,7 +126,8 @@ def run_cpu(args):
     print(f"# median of >= {args.repeat} runs; GB/s by the cost model in traffic_bytes()"
           + ("" if args.no_floor else f"; copy bandwidth {floor.copy_gbs():.1f} GB/s (read + write, 256 MB); "
              "floor: the same corner gathers (backward: and scatters; where the backward goes "
-             "sparse, in its block order, into a buffer streamed out) without geometry, same threads"))
+             "sparse, in its block order, into a buffer streamed out) without geometry, same threads; "
+             "x floor: median over rounds of the op's time over the floor's, the two back to back"))
     header = ("| call | locations | dtype | threads | pass | cydeform ms | GB/s | "
               + ("" if args.no_floor else "floor ms | x floor | ") + "torch ms | speed-up |")
     print(header)
@@ -147,26 +165,33 @@ def run_cpu(args):
                     # Scaling: 1 thread and this many timed in the same rounds.
                     s_f = paired_speedup(op_forward, threads, args.repeat) if threads > 1 else None
                     s_b = paired_speedup(op_backward, threads, args.repeat) if threads > 1 else None
-                    fl_f = fl_b = None
+                    fl_f = fl_b = x_f = x_b = None
                     if rows is not None:
-                        fl_f = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, heads=heads),
-                                           args.repeat, 0.5)
-                        if sparse:
-                            fl_b = median_time(lambda: _cpu._impl.sparse_floor(floor_value, *slots), args.repeat, 0.5)
-                        else:
-                            fl_b = median_time(lambda: _cpu._impl.gather_floor(floor_value, rows, backward=True,
-                                                                               heads=heads, work=floor_work),
-                                               args.repeat, 0.5)
+                        def floor_forward():
+                            _cpu._impl.gather_floor(floor_value, rows, heads=heads)
+
+                        def floor_backward():
+                            if sparse:
+                                _cpu._impl.sparse_floor(floor_value, *slots)
+                            else:
+                                _cpu._impl.gather_floor(floor_value, rows, backward=True, heads=heads,
+                                                        work=floor_work)
+
+                        fl_f = median_time(floor_forward, args.repeat, 0.5)
+                        fl_b = median_time(floor_backward, args.repeat, 0.5)
+                        # "x floor": the op and its floor back to back in each round.
+                        x_f = paired_ratio(op_forward, floor_forward, args.repeat)
+                        x_b = paired_ratio(op_backward, floor_backward, args.repeat)
                     tt_f = tt_b = None
                     if ref is not None:
                         tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)
-                    for name, t, tt, fl, sp, bwd in (("forward", t_f, tt_f, fl_f, s_f, False),
-                                                     ("backward", t_b, tt_b, fl_b, s_b, True)):
+                    for name, t, tt, fl, x, sp, bwd in (("forward", t_f, tt_f, fl_f, x_f, s_f, False),
+                                                        ("backward", t_b, tt_b, fl_b, x_b, s_b, True)):
                         gbs = traffic_bytes(1, Lq_, dtype, bwd) / t / 1e9
                         extra = f" ({sp:.2f}x 1 thread)" if sp is not None else ""
                         torch_ms = f"{tt * 1e3:.1f}" if tt else "-"
                         ratio = f"{tt / t:.1f}x" if tt else "-"
-                        floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {t / fl:.2f} | "
+                        floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {x:.2f} | "
                         print(f"| {call} | {dist} | {dtype} | {threads} | {name} | {t * 1e3:.2f}{extra} | {gbs:.1f} "
                               f"| {floor_cols}{torch_ms} | {ratio} |", flush=True)
 
