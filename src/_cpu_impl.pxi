@@ -103,14 +103,12 @@ cdef extern from "msda_inner.h":
     void cyd_axpy_d(double* out, double w, const double* x, ptrdiff_t D) noexcept nogil
     double cyd_dot_f(const float* g, const float* v, ptrdiff_t D) noexcept nogil
     double cyd_dot_d(const double* g, const double* v, ptrdiff_t D) noexcept nogil
-    void cyd_sparse_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const double* Wd,
-                               const double* Hd, const int64_t* Wi, const int64_t* Hi, const int64_t* base,
-                               int64_t key_nm, int64_t M, int64_t* keys, float* weights, double* geo,
-                               signed char* status) noexcept nogil
-    void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const double* Wd,
-                               const double* Hd, const int64_t* Wi, const int64_t* Hi, const int64_t* base,
-                               int64_t key_nm, int64_t M, int64_t* keys, double* weights, double* geo,
-                               signed char* status) noexcept nogil
+    void cyd_sparse_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const int64_t* W,
+                               const int64_t* H, const int64_t* base, int64_t key_nm, int64_t M, int64_t* keys,
+                               float* weights, double* geo, signed char* status) noexcept nogil
+    void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const int64_t* W,
+                               const int64_t* H, const int64_t* base, int64_t key_nm, int64_t M, int64_t* keys,
+                               double* weights, double* geo, signed char* status) noexcept nogil
 
 # 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
 cdef int _num_threads = 0
@@ -782,7 +780,7 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 5 * L * P) + itemsize * slots
+            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 3 * L * P) + itemsize * slots
             + threads * L * P)
 
 
@@ -792,30 +790,24 @@ def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py
     return _sparse_work_bytes(N, S, M, D, Lq, L, P, itemsize, threads)
 
 
-# Per point k of a row (level l = k // P), what phase 1 needs of its level: W and H as
-# doubles and as int64, and starts[l] M; set up once a call (_sparse_levels).
+# Per point k of a row (level l = k // P), what phase 1 needs of its level: W, H and
+# starts[l] M; set up once a call (_sparse_levels).
 ctypedef struct _Levels:
-    double* Wd
-    double* Hd
-    int64_t* Wi
-    int64_t* Hi
+    int64_t* W
+    int64_t* H
     int64_t* base
 
 
 cdef inline void _sparse_levels(const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
                                 Py_ssize_t M, int64_t* area, _Levels* lv) noexcept nogil:
-    """The per-point level tables in ``area`` (5 L P int64)."""
+    """The per-point level tables in ``area`` (3 L P int64)."""
     cdef Py_ssize_t LP = L * P, k
-    lv.Wd = <double*>area
-    lv.Hd = lv.Wd + LP
-    lv.Wi = <int64_t*>(lv.Hd + LP)
-    lv.Hi = lv.Wi + LP
-    lv.base = lv.Hi + LP
+    lv.W = area
+    lv.H = area + LP
+    lv.base = area + 2 * LP
     for k in range(LP):
-        lv.Hi[k] = shapes[2 * (k // P)]
-        lv.Wi[k] = shapes[2 * (k // P) + 1]
-        lv.Hd[k] = <double>lv.Hi[k]
-        lv.Wd[k] = <double>lv.Wi[k]
+        lv.H[k] = shapes[2 * (k // P)]
+        lv.W[k] = shapes[2 * (k // P) + 1]
         lv.base[k] = starts[k // P] * M
 
 
@@ -830,11 +822,9 @@ cdef inline void _sparse_row(const _Levels* lv, Py_ssize_t LP, const floating* l
     The geometry is cyd_sparse_geometry (src/msda_inner.h)."""
     cdef Py_ssize_t k
     if floating is float:
-        cyd_sparse_geometry_f(loc, attn, LP, lv.Wd, lv.Hd, lv.Wi, lv.Hi, lv.base, key_nm, M, keys, weights,
-                              geo, status)
+        cyd_sparse_geometry_f(loc, attn, LP, lv.W, lv.H, lv.base, key_nm, M, keys, weights, geo, status)
     else:
-        cyd_sparse_geometry_d(loc, attn, LP, lv.Wd, lv.Hd, lv.Wi, lv.Hi, lv.base, key_nm, M, keys, weights,
-                              geo, status)
+        cyd_sparse_geometry_d(loc, attn, LP, lv.W, lv.H, lv.base, key_nm, M, keys, weights, geo, status)
     for k in range(LP):
         if status[k] <= 0:
             grad_attn[k] = NAN if status[k] < 0 else 0
@@ -916,6 +906,12 @@ cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_s
     return ahead
 
 
+cdef inline bint _pair(int64_t key, int64_t key1, int shift) noexcept nogil:
+    """Whether corners 0 and 1 (2 and 3) of a point, keys ``key`` and ``key1`` (-1 outside
+    the map), go as one record: both in the map and in one block."""
+    return key >= 0 and key1 >= 0 and key >> shift == key1 >> shift
+
+
 cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const _Levels* lv, signed char* status,
                                const floating* loc, const floating* attn, floating* grad_loc,
                                floating* grad_attn, int64_t* keys, floating* weights, double* geo,
@@ -934,9 +930,12 @@ cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const _Levels* 
         for j in range(0, LP * 4, 2):
             key = keys[r * LP * 4 + j]
             key1 = keys[r * LP * 4 + j + 1]
+            if _pair(key, key1, shift):
+                count[key >> shift] += 1
+                continue
             if key >= 0:
                 count[key >> shift] += 1
-            if key1 >= 0 and (key < 0 or key1 >> shift != key >> shift):
+            if key1 >= 0:
                 count[key1 >> shift] += 1
 
 
@@ -970,7 +969,7 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
         for e in range(r * LP * 4, (r + 1) * LP * 4, 2):
             key = keys[e]
             key1 = keys[e + 1]
-            if key >= 0 and key1 >= 0 and key >> shift == key1 >> shift:
+            if _pair(key, key1, shift):
                 # key1 = key + M: the next texel in x.
                 pos = cursor[key >> shift]
                 cursor[key >> shift] = pos + 1
@@ -1052,7 +1051,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
     unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
     cursor (``threads`` x B + ``threads`` + 1, int64), weights (floating, a slot each),
-    the level tables (_Levels, 5 L P int64) and a status byte a point per thread (L P
+    the level tables (_Levels, 3 L P int64) and a status byte a point per thread (L P
     each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef Py_ssize_t slots = 4 * R * LP
@@ -1067,7 +1066,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
     cdef int64_t* level_area = <int64_t*>(weights + slots)  # slots is a multiple of 4: 8-byte aligned
-    cdef signed char* status = <signed char*>(level_area + 5 * LP)
+    cdef signed char* status = <signed char*>(level_area + 3 * LP)
     cdef _Levels lv
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
     cdef Py_ssize_t t, r

@@ -267,8 +267,7 @@ CYD_DEFINE_ENTRY_POINTS(double, d)
 /* ------------------------------------------------------------------ sparse geometry */
 /* Phase 1 of the sparse backward for the n points of one row (_sparse_row in
  * src/_cpu_impl.pxi has the semantics): for point k, with its level's width and height
- * Wd[k], Hd[k] (also as Wi[k], Hi[k]) and key_nm + base[k] the grad_value row of the
- * level's position 0: keys[4k + c], the grad_value row of corner c, or -1 outside the map;
+ * W[k], H[k] and key_nm + base[k] the grad_value row of the level's position 0: keys[4k + c], the grad_value row of corner c, or -1 outside the map;
  * weights[4k + c] = (T)(a w_c); geo[2k : 2k + 2] = (lx, ly), or lx = -1 with status[k]
  * 0 (cell without texel) or -1 (location not finite); status[k] = 1 otherwise.
  * Eight points at a time through vector types where GCC/Clang has them: the same double
@@ -278,17 +277,18 @@ CYD_DEFINE_ENTRY_POINTS(double, d)
     do {                                                                                      \
         double lxv = loc[2 * (k)], lyv = loc[2 * (k) + 1];                                    \
         int fin = (lxv - lxv == 0) && (lyv - lyv == 0);                                       \
-        double x = lxv * Wd[k] - 0.5, y = lyv * Hd[k] - 0.5;                                  \
-        if (!fin || !(x >= -1.0 && x < Wd[k] && y >= -1.0 && y < Hd[k])) {                    \
+        double Wf = (double)W[k], Hf = (double)H[k];                                          \
+        double x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                        \
+        if (!fin || !(x >= -1.0 && x < Wf && y >= -1.0 && y < Hf)) {                          \
             status[k] = fin ? 0 : -1;                                                         \
             geo[2 * (k)] = -1;                                                                \
             keys[4 * (k)] = keys[4 * (k) + 1] = keys[4 * (k) + 2] = keys[4 * (k) + 3] = -1;   \
             break;                                                                            \
         }                                                                                     \
         double x0f = floor(x), y0f = floor(y);                                                \
-        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f, Wk = Wi[k];                             \
+        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f, Wk = W[k];                              \
         double lx = x - x0f, ly = y - y0f, a = attn[k];                                       \
-        int iy0 = y0 >= 0, iy1 = y0 + 1 < Hi[k], ix0 = x0 >= 0, ix1 = x0 + 1 < Wk;            \
+        int iy0 = y0 >= 0, iy1 = y0 + 1 < H[k], ix0 = x0 >= 0, ix1 = x0 + 1 < Wk;             \
         int64_t b = key_nm + base[k] + (y0 * Wk + x0) * M;                                    \
         keys[4 * (k)] = iy0 && ix0 ? b : -1;                                                  \
         keys[4 * (k) + 1] = iy0 && ix1 ? b + M : -1;                                          \
@@ -310,11 +310,10 @@ typedef int64_t cyd_v8l __attribute__((vector_size(8 * sizeof(int64_t))));
 
 #define CYD_DEFINE_GEOMETRY(T, SUF)                                                           \
 static inline void cyd_sparse_geometry_##SUF(                                                 \
-        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const double *restrict Wd, \
-        const double *restrict Hd, const int64_t *restrict Wi, const int64_t *restrict Hi,    \
-        const int64_t *restrict base, int64_t key_nm, int64_t M, int64_t *restrict keys,      \
-        T *restrict weights,                                                                  \
-        double *restrict geo, signed char *restrict status) {                                 \
+        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const int64_t *restrict W, \
+        const int64_t *restrict H, const int64_t *restrict base, int64_t key_nm, int64_t M,   \
+        int64_t *restrict keys, T *restrict weights, double *restrict geo,                    \
+        signed char *restrict status) {                                                       \
     ptrdiff_t k = 0;                                                                          \
     CYD_GEOMETRY_VECTOR(T)                                                                    \
     for (; k < n; ++k) CYD_GEOMETRY_ONE(T, k);                                                \
@@ -323,16 +322,17 @@ static inline void cyd_sparse_geometry_##SUF(                                   
 #if defined(__GNUC__)
 #define CYD_GEOMETRY_VECTOR(T)                                                                \
     for (; k + 8 <= n; k += 8) {                                                              \
-        cyd_v8d lxv, lyv, W, H, a;                                                            \
+        cyd_v8d lxv, lyv, a;                                                                  \
         cyd_v8l Wk, Hk, bk;                                                                   \
         for (int i = 0; i < 8; ++i) {                                                         \
             lxv[i] = loc[2 * (k + i)]; lyv[i] = loc[2 * (k + i) + 1];                         \
-            W[i] = Wd[k + i]; H[i] = Hd[k + i]; Wk[i] = Wi[k + i]; Hk[i] = Hi[k + i];         \
+            Wk[i] = W[k + i]; Hk[i] = H[k + i];                                               \
             bk[i] = key_nm + base[k + i]; a[i] = attn[k + i];                                 \
         }                                                                                     \
+        cyd_v8d Wf = __builtin_convertvector(Wk, cyd_v8d), Hf = __builtin_convertvector(Hk, cyd_v8d); \
         cyd_v8l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
-        cyd_v8d x = lxv * W - 0.5, y = lyv * H - 0.5;                                         \
-        cyd_v8l in = fin & (x >= -1.0) & (x < W) & (y >= -1.0) & (y < H);                     \
+        cyd_v8d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
+        cyd_v8l in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                   \
         /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
         x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
         y = (cyd_v8d)((cyd_v8l)y & in);                                                       \

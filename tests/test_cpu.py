@@ -228,6 +228,20 @@ def test_chunked_backward_on_random_problems(restore_threads, data, dtype, nonfi
             assert_close(np.nan_to_num(a), np.nan_to_num(e), dtype, scale=10.0)
 
 
+def assert_sparse_matches_dense(g, value, shapes, starts, loc, attn, threads=(1, 2, 3)):
+    """The sparse backward gives the dense backward's bits at each thread count; returns
+    the last sparse result."""
+    from cydeform import _cpu
+
+    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
+    for n in threads:
+        cydeform.set_num_threads(n)
+        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
+        for a, b in zip(sparse, dense):
+            assert a.tobytes() == b.tobytes()
+    return sparse
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only restores state
 @given(data=st.data(), dtype=st.sampled_from([np.float64, np.float32]), nonfinite=st.booleans())
 def test_sparse_and_dense_backward_give_the_same_bits(restore_threads, data, dtype, nonfinite):
@@ -243,12 +257,7 @@ def test_sparse_and_dense_backward_give_the_same_bits(restore_threads, data, dty
     _, Lq, _, L, P, _ = loc.shape
     assume(_cpu._impl.query_chunks(S, Lq, L, P, Lq * M * L * P * D) == 1)  # one dense buffer
     g = grad_output_for(problem)
-    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
-    for threads in (1, 2, 3):
-        cydeform.set_num_threads(threads)
-        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
-        for a, b in zip(sparse, dense):
-            assert a.tobytes() == b.tobytes()
+    assert_sparse_matches_dense(g, value, shapes, starts, loc, attn)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -281,7 +290,7 @@ def test_sparse_backward_nonfinite_grad_output_at_a_border_point(restore_threads
 @pytest.mark.parametrize("M", [1, 3])
 def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_threads, M):
     """The sparse method places a point's corners 0 and 1 (2 and 3) as one record where
-    both are in the map and in one grad_value block. With 2 rows a block (D = 4096
+    both are in the map and in one grad_value block. With 4 rows a block (D = 4096
     float64) many such pairs straddle a block boundary and go as two records, others as
     one: the same bits as the dense method either way, for any thread count."""
     from cydeform import _cpu
@@ -306,12 +315,7 @@ def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_thread
     both = (x0 >= 0) & (x0 + 1 < W) & (y0 >= 0) & (y0 < H)
     straddle = (key >> shift) != ((key + M) >> shift)
     assert (both & straddle).any() and (both & ~straddle).any()
-    dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
-    for threads in (1, 2, 3):
-        cydeform.set_num_threads(threads)
-        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
-        for a, b in zip(sparse, dense):
-            assert a.tobytes() == b.tobytes()
+    assert_sparse_matches_dense(g, value, shapes, starts, loc, attn)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -344,12 +348,8 @@ def test_sparse_backward_geometry_eight_points_at_a_time(restore_threads, dtype)
     loc = loc.astype(dtype)
     attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
     g = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    sparse = assert_sparse_matches_dense(g, value, shapes, starts, loc, attn, threads=(1, 2))
     dense = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="dense")
-    for threads in (1, 2):
-        cydeform.set_num_threads(threads)
-        sparse = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
-        for a, b in zip(sparse, dense):
-            assert a.tobytes() == b.tobytes()
     assert np.isnan(sparse[2][:, 5, 1, 0, 1]).all() and (sparse[2][:, 6] == 0).all()
     # and every instruction-set build this processor runs (the baseline one without AVX)
     import importlib
