@@ -21,7 +21,7 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport floor, isfinite, NAN
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
@@ -103,12 +103,21 @@ cdef extern from "msda_inner.h":
     void cyd_axpy_d(double* out, double w, const double* x, ptrdiff_t D) noexcept nogil
     double cyd_dot_f(const float* g, const float* v, ptrdiff_t D) noexcept nogil
     double cyd_dot_d(const double* g, const double* v, ptrdiff_t D) noexcept nogil
-    void cyd_sparse_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const int64_t* W,
-                               const int64_t* H, const int64_t* base, int64_t key_nm, int64_t M, int64_t* keys,
-                               float* weights, double* geo, signed char* status) noexcept nogil
-    void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const int64_t* W,
-                               const int64_t* H, const int64_t* base, int64_t key_nm, int64_t M, int64_t* keys,
-                               double* weights, double* geo, signed char* status) noexcept nogil
+    ctypedef struct cyd_levels:
+        const int64_t* W
+        const int64_t* H
+        const int64_t* base
+        const int64_t* WM
+        const double* Wd
+        const double* Hd
+        const int32_t* Wi
+        int narrow
+    void cyd_sparse_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const cyd_levels* lv,
+                               int64_t key_nm, int64_t M, int64_t* keys, float* weights, double* geo,
+                               signed char* status) noexcept nogil
+    void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const cyd_levels* lv,
+                               int64_t key_nm, int64_t M, int64_t* keys, double* weights, double* geo,
+                               signed char* status) noexcept nogil
 
 # 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
 cdef int _num_threads = 0
@@ -780,7 +789,7 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 3 * L * P) + itemsize * slots
+            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 7 * L * P) + itemsize * slots
             + threads * L * P)
 
 
@@ -790,28 +799,43 @@ def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py
     return _sparse_work_bytes(N, S, M, D, Lq, L, P, itemsize, threads)
 
 
-# Per point k of a row (level l = k // P), what phase 1 needs of its level: W, H and
-# starts[l] M; set up once a call (_sparse_levels).
-ctypedef struct _Levels:
-    int64_t* W
-    int64_t* H
-    int64_t* base
-
-
 cdef inline void _sparse_levels(const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
-                                Py_ssize_t M, int64_t* area, _Levels* lv) noexcept nogil:
-    """The per-point level tables in ``area`` (3 L P int64)."""
+                                Py_ssize_t M, int64_t* area, cyd_levels* lv) noexcept nogil:
+    """Per point k of a row (level l = k // P), the numbers of its level that phase 1
+    needs (cyd_levels, src/msda_inner.h), in ``area`` (7 L P int64)."""
     cdef Py_ssize_t LP = L * P, k
-    lv.W = area
-    lv.H = area + LP
-    lv.base = area + 2 * LP
+    cdef int64_t H, W, two31 = 2147483648
+    cdef int64_t* Wt = area
+    cdef int64_t* Ht = area + LP
+    cdef int64_t* base = area + 2 * LP
+    cdef int64_t* WM = area + 3 * LP
+    cdef double* Wd = <double*>(area + 4 * LP)
+    cdef double* Hd = <double*>(area + 5 * LP)
+    cdef int32_t* Wi = <int32_t*>(area + 6 * LP)
+    lv.narrow = 1
     for k in range(LP):
-        lv.H[k] = shapes[2 * (k // P)]
-        lv.W[k] = shapes[2 * (k // P) + 1]
-        lv.base[k] = starts[k // P] * M
+        H = shapes[2 * (k // P)]
+        W = shapes[2 * (k // P) + 1]
+        Ht[k] = H
+        Wt[k] = W
+        base[k] = starts[k // P] * M
+        WM[k] = W * M
+        Hd[k] = <double>H
+        Wd[k] = <double>W
+        # H W <= S (validated), so the product cannot overflow once each is below 2^31.
+        if H >= two31 or W >= two31 or (H * W + W + 1) * M >= two31:
+            lv.narrow = 0
+        Wi[k] = <int32_t>W if lv.narrow else 0
+    lv.W = Wt
+    lv.H = Ht
+    lv.base = base
+    lv.WM = WM
+    lv.Wd = Wd
+    lv.Hd = Hd
+    lv.Wi = Wi
 
 
-cdef inline void _sparse_row(const _Levels* lv, Py_ssize_t LP, const floating* loc, const floating* attn,
+cdef inline void _sparse_row(const cyd_levels* lv, Py_ssize_t LP, const floating* loc, const floating* attn,
                              floating* grad_loc, floating* grad_attn, Py_ssize_t M, int64_t key_nm,
                              int64_t* keys, floating* weights, double* geo, signed char* status) noexcept nogil:
     """Phase 1 of the sparse backward for one (n, q, m) row: keys[4k + c], the grad_value
@@ -822,9 +846,9 @@ cdef inline void _sparse_row(const _Levels* lv, Py_ssize_t LP, const floating* l
     The geometry is cyd_sparse_geometry (src/msda_inner.h)."""
     cdef Py_ssize_t k
     if floating is float:
-        cyd_sparse_geometry_f(loc, attn, LP, lv.W, lv.H, lv.base, key_nm, M, keys, weights, geo, status)
+        cyd_sparse_geometry_f(loc, attn, LP, lv, key_nm, M, keys, weights, geo, status)
     else:
-        cyd_sparse_geometry_d(loc, attn, LP, lv.W, lv.H, lv.base, key_nm, M, keys, weights, geo, status)
+        cyd_sparse_geometry_d(loc, attn, LP, lv, key_nm, M, keys, weights, geo, status)
     for k in range(LP):
         if status[k] <= 0:
             grad_attn[k] = NAN if status[k] < 0 else 0
@@ -912,7 +936,7 @@ cdef inline bint _pair(int64_t key, int64_t key1, int shift) noexcept nogil:
     return key >= 0 and key1 >= 0 and key >> shift == key1 >> shift
 
 
-cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const _Levels* lv, signed char* status,
+cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const cyd_levels* lv, signed char* status,
                                const floating* loc, const floating* attn, floating* grad_loc,
                                floating* grad_attn, int64_t* keys, floating* weights, double* geo,
                                int64_t* count, Py_ssize_t B, int shift, Py_ssize_t S, Py_ssize_t M,
@@ -1051,7 +1075,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
     unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
     cursor (``threads`` x B + ``threads`` + 1, int64), weights (floating, a slot each),
-    the level tables (_Levels, 3 L P int64) and a status byte a point per thread (L P
+    the level tables (cyd_levels, 7 L P int64) and a status byte a point per thread (L P
     each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef Py_ssize_t slots = 4 * R * LP
@@ -1066,8 +1090,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
     cdef int64_t* level_area = <int64_t*>(weights + slots)  # slots is a multiple of 4: 8-byte aligned
-    cdef signed char* status = <signed char*>(level_area + 3 * LP)
-    cdef _Levels lv
+    cdef signed char* status = <signed char*>(level_area + 7 * LP)
+    cdef cyd_levels lv
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
     cdef Py_ssize_t t, r
     # One parallel region, a barrier after each phase (each prange's end), so the other

@@ -265,19 +265,36 @@ CYD_DEFINE_ENTRY_POINTS(float, f)
 CYD_DEFINE_ENTRY_POINTS(double, d)
 
 /* ------------------------------------------------------------------ sparse geometry */
+/* Per point k of a row (its level l = k / P), the numbers of its level that the sparse
+ * geometry needs; set up once a call (_sparse_levels in src/_cpu_impl.pxi). */
+typedef struct {
+    const int64_t *W, *H;   /* the level's width and height */
+    const int64_t *base;    /* starts[l] M: the key of the level's position 0 */
+    const int64_t *WM;      /* W M: from a corner to the one below it */
+    const double *Wd, *Hd;  /* W, H as doubles */
+    const int32_t *Wi;      /* W as an int32 (only read where narrow) */
+    int narrow;             /* every level has (H W + W + 1) M < 2^31: a corner's key
+                               within its level, (y0 W + x0) M, fits an int32 */
+} cyd_levels;
+
 /* Phase 1 of the sparse backward for the n points of one row (_sparse_row in
- * src/_cpu_impl.pxi has the semantics): for point k, with its level's width and height
- * W[k], H[k] and key_nm + base[k] the grad_value row of the level's position 0: keys[4k + c], the grad_value row of corner c, or -1 outside the map;
- * weights[4k + c] = (T)(a w_c); geo[2k : 2k + 2] = (lx, ly), or lx = -1 with status[k]
- * 0 (cell without texel) or -1 (location not finite); status[k] = 1 otherwise.
- * Eight points at a time through vector types where GCC/Clang has them: the same double
- * arithmetic as one at a time (floor(x) by truncation and a correction, exact for the
- * x in [-1, W) that get here; x is never -0), so the same bits. */
+ * src/_cpu_impl.pxi has the semantics): for point k, with key_nm + base[k] the
+ * grad_value row of its level's position 0: keys[4k + c], the grad_value row of corner
+ * c, or -1 outside the map; weights[4k + c] = (T)(a w_c); geo[2k : 2k + 2] = (lx, ly),
+ * or lx = -1 with status[k] 0 (cell without texel) or -1 (location not finite);
+ * status[k] = 1 otherwise.
+ * Four points at a time through vector types in the AVX2 and AVX-512 builds, where the
+ * compiler has __builtin_shufflevector (GCC >= 12, Clang) and the keys fit int32
+ * arithmetic (lv->narrow): the same double arithmetic as one at a time (floor(x) as a
+ * truncation and a correction, exact for the x in [-1, W) that get there), so the same
+ * bits. Only what AVX has natively: no int64 multiply, no conversion between double
+ * and int64, no vector wider than a register (with those, GCC 12's AVX2 code went lane
+ * by lane and was slower than the scalar loop, benchmarks/cpu_log.md 44). */
 #define CYD_GEOMETRY_ONE(T, k)                                                                \
     do {                                                                                      \
         double lxv = loc[2 * (k)], lyv = loc[2 * (k) + 1];                                    \
         int fin = (lxv - lxv == 0) && (lyv - lyv == 0);                                       \
-        double Wf = (double)W[k], Hf = (double)H[k];                                          \
+        double Wf = lv->Wd[k], Hf = lv->Hd[k];                                                \
         double x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                        \
         if (!fin || !(x >= -1.0 && x < Wf && y >= -1.0 && y < Hf)) {                          \
             status[k] = fin ? 0 : -1;                                                         \
@@ -286,14 +303,14 @@ CYD_DEFINE_ENTRY_POINTS(double, d)
             break;                                                                            \
         }                                                                                     \
         double x0f = floor(x), y0f = floor(y);                                                \
-        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f, Wk = W[k];                              \
+        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f, Wk = lv->W[k];                          \
         double lx = x - x0f, ly = y - y0f, a = attn[k];                                       \
-        int iy0 = y0 >= 0, iy1 = y0 + 1 < H[k], ix0 = x0 >= 0, ix1 = x0 + 1 < Wk;             \
-        int64_t b = key_nm + base[k] + (y0 * Wk + x0) * M;                                    \
+        int iy0 = y0 >= 0, iy1 = y0 + 1 < lv->H[k], ix0 = x0 >= 0, ix1 = x0 + 1 < Wk;         \
+        int64_t b = key_nm + lv->base[k] + (y0 * Wk + x0) * M;                                \
         keys[4 * (k)] = iy0 && ix0 ? b : -1;                                                  \
         keys[4 * (k) + 1] = iy0 && ix1 ? b + M : -1;                                          \
-        keys[4 * (k) + 2] = iy1 && ix0 ? b + Wk * M : -1;                                     \
-        keys[4 * (k) + 3] = iy1 && ix1 ? b + Wk * M + M : -1;                                 \
+        keys[4 * (k) + 2] = iy1 && ix0 ? b + lv->WM[k] : -1;                                  \
+        keys[4 * (k) + 3] = iy1 && ix1 ? b + lv->WM[k] + M : -1;                              \
         weights[4 * (k)] = (T)(a * ((1.0 - ly) * (1.0 - lx)));                                \
         weights[4 * (k) + 1] = (T)(a * ((1.0 - ly) * lx));                                    \
         weights[4 * (k) + 2] = (T)(a * (ly * (1.0 - lx)));                                    \
@@ -303,64 +320,89 @@ CYD_DEFINE_ENTRY_POINTS(double, d)
         status[k] = 1;                                                                        \
     } while (0)
 
-#if defined(__GNUC__)
-typedef double cyd_v8d __attribute__((vector_size(8 * sizeof(double))));
-typedef int64_t cyd_v8l __attribute__((vector_size(8 * sizeof(int64_t))));
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX__)
+/* Four points a step: 4 doubles fill one AVX register (8 made GCC 12 compare lane by
+ * lane on AVX2, which has no 512-bit vectors). */
+typedef double cyd_v4d __attribute__((vector_size(4 * sizeof(double))));
+typedef int64_t cyd_v4l __attribute__((vector_size(4 * sizeof(int64_t))));
+typedef int32_t cyd_v4i __attribute__((vector_size(4 * sizeof(int32_t))));
+typedef float cyd_v4f __attribute__((vector_size(4 * sizeof(float))));
+#define CYD_LOAD(VT, p) ({ VT v_; __builtin_memcpy(&v_, (p), sizeof v_); v_; })
+/* Four 4-lane vectors c0..c3 stored as out[4i + j] = cj[i] (a 4 x 4 transpose). */
+#define CYD_STORE_4x4(out, c0, c1, c2, c3, VT)                                                \
+    do {                                                                                      \
+        VT lo01_ = __builtin_shufflevector(c0, c1, 0, 4, 1, 5);                               \
+        VT hi01_ = __builtin_shufflevector(c0, c1, 2, 6, 3, 7);                               \
+        VT lo23_ = __builtin_shufflevector(c2, c3, 0, 4, 1, 5);                               \
+        VT hi23_ = __builtin_shufflevector(c2, c3, 2, 6, 3, 7);                               \
+        VT o_[4] = {__builtin_shufflevector(lo01_, lo23_, 0, 1, 4, 5),                        \
+                    __builtin_shufflevector(lo01_, lo23_, 2, 3, 6, 7),                        \
+                    __builtin_shufflevector(hi01_, hi23_, 0, 1, 4, 5),                        \
+                    __builtin_shufflevector(hi01_, hi23_, 2, 3, 6, 7)};                       \
+        __builtin_memcpy(out, o_, sizeof o_);                                                 \
+    } while (0)
+/* T's 4-lane vector type: cyd_v4f for float, cyd_v4d for double. */
+#define CYD_V4_f cyd_v4f
+#define CYD_V4_d cyd_v4d
+
+#define CYD_GEOMETRY_VECTOR(T, SUF)                                                           \
+    for (; lv->narrow && k + 4 <= n; k += 4) {                                                \
+        CYD_V4_##SUF l01 = CYD_LOAD(CYD_V4_##SUF, loc + 2 * k);                               \
+        CYD_V4_##SUF l23 = CYD_LOAD(CYD_V4_##SUF, loc + 2 * k + 4);                           \
+        cyd_v4d lxv = __builtin_convertvector(__builtin_shufflevector(l01, l23, 0, 2, 4, 6), cyd_v4d); \
+        cyd_v4d lyv = __builtin_convertvector(__builtin_shufflevector(l01, l23, 1, 3, 5, 7), cyd_v4d); \
+        cyd_v4d a = __builtin_convertvector(CYD_LOAD(CYD_V4_##SUF, attn + k), cyd_v4d);       \
+        cyd_v4d Wf = CYD_LOAD(cyd_v4d, lv->Wd + k), Hf = CYD_LOAD(cyd_v4d, lv->Hd + k);       \
+        cyd_v4l bk = CYD_LOAD(cyd_v4l, lv->base + k) + key_nm;                                \
+        cyd_v4l WM = CYD_LOAD(cyd_v4l, lv->WM + k);                                           \
+        cyd_v4i Wi = CYD_LOAD(cyd_v4i, lv->Wi + k);                                           \
+        cyd_v4l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
+        cyd_v4d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
+        cyd_v4l in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                   \
+        /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
+        x = (cyd_v4d)((cyd_v4l)x & in);                                                       \
+        y = (cyd_v4d)((cyd_v4l)y & in);                                                       \
+        const cyd_v4d one = {1, 1, 1, 1};                                                     \
+        /* floor: the truncation, less 1 where that is above x */                             \
+        cyd_v4d tx = __builtin_convertvector(__builtin_convertvector(x, cyd_v4i), cyd_v4d);   \
+        cyd_v4d ty = __builtin_convertvector(__builtin_convertvector(y, cyd_v4i), cyd_v4d);   \
+        cyd_v4d x0 = tx - (cyd_v4d)((tx > x) & (cyd_v4l)one);                                 \
+        cyd_v4d y0 = ty - (cyd_v4d)((ty > y) & (cyd_v4l)one);                                 \
+        cyd_v4d lx = x - x0, ly = y - y0;                                                     \
+        cyd_v4i rel = (__builtin_convertvector(y0, cyd_v4i) * Wi + __builtin_convertvector(x0, cyd_v4i)) \
+                      * (int32_t)M;                                                           \
+        cyd_v4l b = bk + __builtin_convertvector(rel, cyd_v4l);                               \
+        cyd_v4l iy0 = in & (y0 >= 0.0), iy1 = in & (y0 + 1.0 < Hf), ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf; \
+        cyd_v4l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
+        cyd_v4l k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                               \
+        cyd_v4l k2 = ((b + WM) & m2) | ~m2, k3 = ((b + WM + M) & m3) | ~m3;                   \
+        cyd_v4d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
+        CYD_V4_##SUF w0 = __builtin_convertvector(a * (hy * hx), CYD_V4_##SUF);               \
+        CYD_V4_##SUF w1 = __builtin_convertvector(a * (hy * lx), CYD_V4_##SUF);               \
+        CYD_V4_##SUF w2 = __builtin_convertvector(a * (ly * hx), CYD_V4_##SUF);               \
+        CYD_V4_##SUF w3 = __builtin_convertvector(a * (ly * lx), CYD_V4_##SUF);               \
+        cyd_v4d gx = (cyd_v4d)(((cyd_v4l)lx & in) | ((cyd_v4l)(-one) & ~in));                 \
+        CYD_STORE_4x4(keys + 4 * k, k0, k1, k2, k3, cyd_v4l);                                 \
+        CYD_STORE_4x4(weights + 4 * k, w0, w1, w2, w3, CYD_V4_##SUF);                         \
+        cyd_v4d g_[2] = {__builtin_shufflevector(gx, ly, 0, 4, 1, 5),                         \
+                         __builtin_shufflevector(gx, ly, 2, 6, 3, 7)};                        \
+        __builtin_memcpy(geo + 2 * k, g_, sizeof g_);                                         \
+        cyd_v4l st = (in & 1) | ~fin; /* 1 in the map, 0 outside, -1 not finite */           \
+        for (int i = 0; i < 4; ++i) status[k + i] = (signed char)st[i];                       \
+    }
+#else
+#define CYD_GEOMETRY_VECTOR(T, SUF)
 #endif
 
 #define CYD_DEFINE_GEOMETRY(T, SUF)                                                           \
 static inline void cyd_sparse_geometry_##SUF(                                                 \
-        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const int64_t *restrict W, \
-        const int64_t *restrict H, const int64_t *restrict base, int64_t key_nm, int64_t M,   \
-        int64_t *restrict keys, T *restrict weights, double *restrict geo,                    \
-        signed char *restrict status) {                                                       \
+        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const cyd_levels *lv,     \
+        int64_t key_nm, int64_t M, int64_t *restrict keys, T *restrict weights,               \
+        double *restrict geo, signed char *restrict status) {                                 \
     ptrdiff_t k = 0;                                                                          \
-    CYD_GEOMETRY_VECTOR(T)                                                                    \
+    CYD_GEOMETRY_VECTOR(T, SUF)                                                               \
     for (; k < n; ++k) CYD_GEOMETRY_ONE(T, k);                                                \
 }
-
-#if defined(__GNUC__)
-#define CYD_GEOMETRY_VECTOR(T)                                                                \
-    for (; k + 8 <= n; k += 8) {                                                              \
-        cyd_v8d lxv, lyv, a;                                                                  \
-        cyd_v8l Wk, Hk, bk;                                                                   \
-        for (int i = 0; i < 8; ++i) {                                                         \
-            lxv[i] = loc[2 * (k + i)]; lyv[i] = loc[2 * (k + i) + 1];                         \
-            Wk[i] = W[k + i]; Hk[i] = H[k + i];                                               \
-            bk[i] = key_nm + base[k + i]; a[i] = attn[k + i];                                 \
-        }                                                                                     \
-        cyd_v8d Wf = __builtin_convertvector(Wk, cyd_v8d), Hf = __builtin_convertvector(Hk, cyd_v8d); \
-        cyd_v8l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
-        cyd_v8d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
-        cyd_v8l in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                   \
-        /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
-        x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
-        y = (cyd_v8d)((cyd_v8l)y & in);                                                       \
-        cyd_v8l x0 = __builtin_convertvector(x, cyd_v8l), y0 = __builtin_convertvector(y, cyd_v8l); \
-        x0 += (cyd_v8l)(__builtin_convertvector(x0, cyd_v8d) > x); /* -1 where trunc > floor */ \
-        y0 += (cyd_v8l)(__builtin_convertvector(y0, cyd_v8d) > y);                            \
-        cyd_v8d lx = x - __builtin_convertvector(x0, cyd_v8d);                                \
-        cyd_v8d ly = y - __builtin_convertvector(y0, cyd_v8d);                                \
-        cyd_v8l iy0 = in & (y0 >= 0), iy1 = in & (y0 + 1 < Hk), ix0 = x0 >= 0, ix1 = x0 + 1 < Wk; \
-        cyd_v8l b = bk + (y0 * Wk + x0) * M;                                                  \
-        cyd_v8l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
-        cyd_v8l k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                               \
-        cyd_v8l k2 = ((b + Wk * M) & m2) | ~m2, k3 = ((b + Wk * M + M) & m3) | ~m3;           \
-        cyd_v8d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
-        cyd_v8d w0 = a * (hy * hx), w1 = a * (hy * lx), w2 = a * (ly * hx), w3 = a * (ly * lx); \
-        cyd_v8d gx = (cyd_v8d)(((cyd_v8l)lx & in) | ((cyd_v8l)(cyd_v8d){-1, -1, -1, -1, -1, -1, -1, -1} & ~in)); \
-        for (int i = 0; i < 8; ++i) {                                                         \
-            keys[4 * (k + i)] = k0[i]; keys[4 * (k + i) + 1] = k1[i];                         \
-            keys[4 * (k + i) + 2] = k2[i]; keys[4 * (k + i) + 3] = k3[i];                     \
-            weights[4 * (k + i)] = (T)w0[i]; weights[4 * (k + i) + 1] = (T)w1[i];             \
-            weights[4 * (k + i) + 2] = (T)w2[i]; weights[4 * (k + i) + 3] = (T)w3[i];         \
-            geo[2 * (k + i)] = gx[i]; geo[2 * (k + i) + 1] = ly[i];                           \
-            status[k + i] = in[i] ? 1 : (fin[i] ? 0 : -1);                                    \
-        }                                                                                     \
-    }
-#else
-#define CYD_GEOMETRY_VECTOR(T)
-#endif
 
 CYD_DEFINE_GEOMETRY(float, f)
 CYD_DEFINE_GEOMETRY(double, d)

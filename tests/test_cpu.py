@@ -319,20 +319,20 @@ def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_thread
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sparse_backward_geometry_eight_points_at_a_time(restore_threads, dtype):
-    """The sparse method's geometry takes a row's points 8 at a time (vector types) and
-    the rest one at a time (cyd_sparse_geometry, src/msda_inner.h); the dense method
-    takes them one at a time. With L P = 12 (one group of 8, then 4) and locations that
-    hit every case (not finite, outside the map, on the cell edges x = -1 and
-    x = W - 1, on texel centres, on the border), both give the same bits, in every
-    instruction-set build."""
+def test_sparse_backward_geometry_four_points_at_a_time(restore_threads, dtype):
+    """The sparse method's geometry takes a row's points 4 at a time (vector types, in
+    the AVX2 and AVX-512 builds) and the rest one at a time (cyd_sparse_geometry,
+    src/msda_inner.h); the dense method takes them one at a time. With L P = 15 (three
+    groups of 4, then 3) and locations that hit every case (not finite, outside the
+    map, on the cell edges x = -1 and x = W - 1, on texel centres, on the border), both
+    give the same bits, in every instruction-set build."""
     from cydeform import _cpu
 
     rng = np.random.default_rng(12)
-    shapes = np.array([[7, 9], [4, 5], [2, 3]], dtype=np.int64)
-    starts = np.array([0, 63, 83], dtype=np.int64)
-    N, S, M, D, Lq, L, P = 2, 89, 3, 8, 7, 3, 4
-    assert _cpu._impl.sparse_applies(S, Lq, L, P) and L * P % 8 != 0
+    shapes = np.array([[9, 9], [4, 5], [2, 3]], dtype=np.int64)
+    starts = np.array([0, 81, 101], dtype=np.int64)
+    N, S, M, D, Lq, L, P = 2, 107, 3, 8, 7, 3, 5
+    assert _cpu._impl.sparse_applies(S, Lq, L, P) and L * P % 4 != 0
     value = rng.standard_normal((N, S, M, D)).astype(dtype)
     loc = rng.uniform(-0.3, 1.3, (N, Lq, M, L, P, 2))
     Wl = shapes[:, 1].astype(float)[:, None]  # (L, 1), against (N, M, L, P)
