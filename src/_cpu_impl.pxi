@@ -103,6 +103,10 @@ cdef extern from "msda_inner.h":
     void cyd_axpy_d(double* out, double w, const double* x, ptrdiff_t D) noexcept nogil
     double cyd_dot_f(const float* g, const float* v, ptrdiff_t D) noexcept nogil
     double cyd_dot_d(const double* g, const double* v, ptrdiff_t D) noexcept nogil
+    void cyd_record_f(const float* g, const float* v0, const float* v1, float* out0, float* out1,
+                      float w0, float w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
+    void cyd_record_d(const double* g, const double* v0, const double* v1, double* out0, double* out1,
+                      double w0, double w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
     ctypedef struct cyd_levels:
         const int64_t* W
         const int64_t* H
@@ -1063,17 +1067,11 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
                 continue
             g = grad_out + (rk >> (shift + 1)) * D
             if floating is float:
-                dots[2 * pos] = cyd_dot_f(g, v, D)
-                cyd_axpy_f(out, <float>placed[pos].w0, g, D)
-                if rk & 1:
-                    dots[2 * pos + 1] = cyd_dot_f(g, v + M * D, D)
-                    cyd_axpy_f(out + M * D, <float>placed[pos].w1, g, D)
+                cyd_record_f(g, v, v + M * D, out, out + M * D, <float>placed[pos].w0, <float>placed[pos].w1,
+                             rk & 1, D, dots + 2 * pos)
             else:
-                dots[2 * pos] = cyd_dot_d(g, v, D)
-                cyd_axpy_d(out, placed[pos].w0, g, D)
-                if rk & 1:
-                    dots[2 * pos + 1] = cyd_dot_d(g, v + M * D, D)
-                    cyd_axpy_d(out + M * D, placed[pos].w1, g, D)
+                cyd_record_d(g, v, v + M * D, out, out + M * D, placed[pos].w0, placed[pos].w1, rk & 1, D,
+                             dots + 2 * pos)
         cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
 
 

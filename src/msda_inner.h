@@ -184,6 +184,44 @@ static inline void cyd_axpy_##SUF(T *restrict out, T w, const T *restrict x, ptr
     for (; d + CYD_LANES <= D; d += CYD_LANES)                                                \
         cyd_store_##SUF(out + d, cyd_load_##SUF(out + d) + w * cyd_load_##SUF(x + d));        \
     for (; d < D; ++d) out[d] += w * x[d];                                                    \
+}                                                                                             \
+/* A placed record's phase-3 work in one pass over d, g loaded once (sparse backward):       \
+ * dots[c] = g . vc as cyd_dot sums it, outc[d] += wc g[d] as cyd_axpy does, for c = 0,    \
+ * and c = 1 too where pair: the same bits as those calls one after the other. */           \
+static inline void cyd_record_##SUF(const T *restrict g, const T *restrict v0,                \
+                                    const T *restrict v1, T *restrict out0, T *restrict out1, \
+                                    T w0, T w1, int pair, ptrdiff_t D, double *restrict dots) { \
+    if (!pair) {                                                                              \
+        dots[0] = cyd_dot_##SUF(g, v0, D);                                                    \
+        cyd_axpy_##SUF(out0, w0, g, D);                                                       \
+        return;                                                                               \
+    }                                                                                         \
+    cyd_lanes_##SUF a0 = {0}, a1 = {0};                                                       \
+    ptrdiff_t d = 0;                                                                          \
+    for (; d + CYD_LANES <= D; d += CYD_LANES) {                                              \
+        cyd_lanes_##SUF gd = cyd_load_##SUF(g + d);                                           \
+        a0 += gd * cyd_load_##SUF(v0 + d);                                                    \
+        a1 += gd * cyd_load_##SUF(v1 + d);                                                    \
+        cyd_store_##SUF(out0 + d, cyd_load_##SUF(out0 + d) + w0 * gd);                        \
+        cyd_store_##SUF(out1 + d, cyd_load_##SUF(out1 + d) + w1 * gd);                        \
+    }                                                                                         \
+    for (; d < D; ++d) {                                                                      \
+        T gj = g[d];                                                                          \
+        a0[0] += gj * v0[d];                                                                  \
+        a1[0] += gj * v1[d];                                                                  \
+        out0[d] += w0 * gj;                                                                   \
+        out1[d] += w1 * gj;                                                                   \
+    }                                                                                         \
+    T l0[CYD_LANES], l1[CYD_LANES];                                                           \
+    cyd_store_##SUF(l0, a0);                                                                  \
+    cyd_store_##SUF(l1, a1);                                                                  \
+    double s0 = 0, s1 = 0;                                                                    \
+    for (int j = 0; j < CYD_LANES; ++j) {                                                     \
+        s0 += l0[j];                                                                          \
+        s1 += l1[j];                                                                          \
+    }                                                                                         \
+    dots[0] = s0;                                                                             \
+    dots[1] = s1;                                                                             \
 }
 
 #else
@@ -246,6 +284,16 @@ static inline double cyd_dot_##SUF(const T *restrict g, const T *restrict v, ptr
 }                                                                                             \
 static inline void cyd_axpy_##SUF(T *restrict out, T w, const T *restrict x, ptrdiff_t D) {   \
     for (ptrdiff_t d = 0; d < D; ++d) out[d] += w * x[d];                                     \
+}                                                                                             \
+static inline void cyd_record_##SUF(const T *restrict g, const T *restrict v0,                \
+                                    const T *restrict v1, T *restrict out0, T *restrict out1, \
+                                    T w0, T w1, int pair, ptrdiff_t D, double *restrict dots) { \
+    dots[0] = cyd_dot_##SUF(g, v0, D);                                                        \
+    cyd_axpy_##SUF(out0, w0, g, D);                                                           \
+    if (pair) {                                                                               \
+        dots[1] = cyd_dot_##SUF(g, v1, D);                                                    \
+        cyd_axpy_##SUF(out1, w1, g, D);                                                       \
+    }                                                                                         \
 }
 #endif
 
