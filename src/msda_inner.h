@@ -30,14 +30,17 @@
 #define CYD_LANES 8
 
 /* cyd_prefetch_row: ask for a corner row (up to 128 bytes) before a loop needs it.
+ * cyd_prefetch_line: ask for one 64-byte line (into the L1).
  * cyd_prefetch_line_l2: ask for one 64-byte line a whole block ahead, into the L2 only
  * (prefetcht2 on x86: the sparse backward's next block of value, 1-6 % faster at 1 thread
  * than into the L1, benchmarks/cpu_log.md 30). */
 #if defined(__GNUC__)
 #define cyd_prefetch_line_l2(p) __builtin_prefetch((const char *)(p), 0, 1)
+#define cyd_prefetch_line(p) __builtin_prefetch((const char *)(p))
 #define cyd_prefetch_row(p) (__builtin_prefetch((const char *)(p)), __builtin_prefetch((const char *)(p) + 64))
 #else
 #define cyd_prefetch_line_l2(p) ((void)(p))
+#define cyd_prefetch_line(p) ((void)(p))
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
 
