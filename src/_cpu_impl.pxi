@@ -86,6 +86,7 @@ cdef extern from "msda_inner.h":
     void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
     void cyd_prefetch_line_l2(const void* p) noexcept nogil
     void cyd_prefetch_line(const void* p) noexcept nogil
+    void cyd_prefetch_write(const void* p) noexcept nogil
     void cyd_accumulate_f(float* out, const float** ptr, const float* w, ptrdiff_t npts,
                           ptrdiff_t D) noexcept nogil
     void cyd_accumulate_d(double* out, const double** ptr, const double* w, ptrdiff_t npts,
@@ -735,6 +736,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 
 cdef enum:
     _SPARSE_BLOCK_BYTES = 128 * 1024
+    _PLACE_AHEAD = 8  # phase 2: prefetch a block's records this far ahead (cpu_log 49: 4, 8, 16)
     _SPARSE_ROWS_AHEAD = 6  # phase 3's L1 prefetch distance, in records (cpu_log 46: 3, 6, 12)
 
 
@@ -998,7 +1000,8 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
     """Phase 2 for rows [r_lo, r_hi): their slots placed at the thread's cursors (one per
     block), corners 0 and 1 (2 and 3) of a point as one record where they can be; keys[e]
     becomes where phase 3 puts the slot's dot, 2 pos (+ 1, a pair's second) for the
-    record at pos."""
+    record at pos. Each block's records are one of ~B write streams, too many for the
+    hardware prefetcher: each write asks for the line a few records on in its stream."""
     cdef Py_ssize_t r, e, i
     cdef int64_t key, key1, pos, mask = (1 << shift) - 1
     for r in range(r_lo, r_hi):
@@ -1009,6 +1012,7 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
                 # key1 = key + M: the next texel in x.
                 pos = cursor[key >> shift]
                 cursor[key >> shift] = pos + 1
+                cyd_prefetch_write(placed + pos + _PLACE_AHEAD)
                 placed[pos].rk = (((r << shift) | (key & mask)) << 1) | 1
                 placed[pos].w0 = weights[e]
                 placed[pos].w1 = weights[e + 1]
@@ -1020,6 +1024,7 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
                 if key >= 0:
                     pos = cursor[key >> shift]
                     cursor[key >> shift] = pos + 1
+                    cyd_prefetch_write(placed + pos + _PLACE_AHEAD)
                     placed[pos].rk = ((r << shift) | (key & mask)) << 1
                     placed[pos].w0 = weights[i]
                     keys[i] = 2 * pos

@@ -37,10 +37,12 @@
 #if defined(__GNUC__)
 #define cyd_prefetch_line_l2(p) __builtin_prefetch((const char *)(p), 0, 1)
 #define cyd_prefetch_line(p) __builtin_prefetch((const char *)(p))
+#define cyd_prefetch_write(p) __builtin_prefetch((const char *)(p), 1)
 #define cyd_prefetch_row(p) (__builtin_prefetch((const char *)(p)), __builtin_prefetch((const char *)(p) + 64))
 #else
 #define cyd_prefetch_line_l2(p) ((void)(p))
 #define cyd_prefetch_line(p) ((void)(p))
+#define cyd_prefetch_write(p) ((void)(p))
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
 
