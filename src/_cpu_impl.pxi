@@ -109,6 +109,8 @@ cdef extern from "msda_inner.h":
                       float w0, float w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
     void cyd_record_d(const double* g, const double* v0, const double* v1, double* out0, double* out1,
                       double w0, double w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
+    int CYD_GEOMETRY_LANES
+    int CYD_HAVE_SHUFFLEVECTOR
     ctypedef struct cyd_levels:
         const int64_t* W
         const int64_t* H
@@ -342,6 +344,12 @@ cdef inline bint _by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t 
     # Samples per value position and head, in one image (never the thread count or the
     # batch size): enough to earn the copies.
     return Lq * L * P >= _BY_HEAD_SAMPLES * S
+
+
+def geometry_lanes():
+    """Internal (tests): (points a step of the sparse geometry in this build, 4 or 1;
+    whether the compiler had __builtin_shufflevector, which the 4-lane path needs)."""
+    return CYD_GEOMETRY_LANES, bool(CYD_HAVE_SHUFFLEVECTOR)
 
 
 def by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):
@@ -1043,7 +1051,9 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
     cdef Py_ssize_t blk, row_lo, row_hi, pos, lo, hi, step
     cdef int64_t rk, k, mask = (1 << shift) - 1
     cdef floating* out
+    cdef floating* out1
     cdef const floating* v
+    cdef const floating* v1
     cdef const floating* g
     cdef const char* ahead
     cdef const char* ahead_end
@@ -1078,12 +1088,14 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
                     cyd_axpy_d(out, 1, v, D)
                 continue
             g = grad_out + (rk >> (shift + 1)) * D
+            # A pair's second rows are k + M; a single slot's may lie past the block.
+            v1 = v + M * D if rk & 1 else v
+            out1 = out + M * D if rk & 1 else out
             if floating is float:
-                cyd_record_f(g, v, v + M * D, out, out + M * D, <float>placed[pos].w0, <float>placed[pos].w1,
-                             rk & 1, D, dots + 2 * pos)
-            else:
-                cyd_record_d(g, v, v + M * D, out, out + M * D, placed[pos].w0, placed[pos].w1, rk & 1, D,
+                cyd_record_f(g, v, v1, out, out1, <float>placed[pos].w0, <float>placed[pos].w1, rk & 1, D,
                              dots + 2 * pos)
+            else:
+                cyd_record_d(g, v, v1, out, out1, placed[pos].w0, placed[pos].w1, rk & 1, D, dots + 2 * pos)
         cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
 
 
@@ -1172,7 +1184,8 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
         # Written whole by the sparse backward: no zeroing.
         grad_value = _aligned_empty(value.shape, value.dtype)
         threads = _threads(N * Lq * M * L * P * D)
-        work_area = _aligned_empty(sparse_work_bytes(N, S, M, D, Lq, L, P, value.itemsize, threads) // 8, np.int64)
+        work_area = _aligned_empty((sparse_work_bytes(N, S, M, D, Lq, L, P, value.itemsize, threads) + 7) // 8,
+                                   np.int64)
         if value.dtype == np.float32:
             _backward_sparse_typed[float](grad_output, value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights, grad_value, grad_loc,

@@ -373,7 +373,13 @@ typedef struct {
         status[k] = 1;                                                                        \
     } while (0)
 
-#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX__)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define CYD_HAVE_SHUFFLEVECTOR 1
+#else
+#define CYD_HAVE_SHUFFLEVECTOR 0
+#endif
+#if CYD_HAVE_SHUFFLEVECTOR && defined(__AVX__)
+#define CYD_GEOMETRY_LANES 4
 /* Four points a step: 4 doubles fill one AVX register (8 made GCC 12 compare lane by
  * lane on AVX2, which has no 512-bit vectors). */
 typedef double cyd_v4d __attribute__((vector_size(4 * sizeof(double))));
@@ -444,6 +450,7 @@ typedef float cyd_v4f __attribute__((vector_size(4 * sizeof(float))));
         for (int i = 0; i < 4; ++i) status[k + i] = (signed char)st[i];                       \
     }
 #else
+#define CYD_GEOMETRY_LANES 1
 #define CYD_GEOMETRY_VECTOR(T, SUF)
 #endif
 
