@@ -112,8 +112,6 @@ cdef extern from "msda_inner.h":
     int CYD_GEOMETRY_LANES
     int CYD_HAVE_SHUFFLEVECTOR
     ctypedef struct cyd_levels:
-        const int64_t* W
-        const int64_t* H
         const int64_t* base
         const int64_t* WM
         const double* Wd
@@ -805,7 +803,7 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 7 * L * P) + itemsize * slots
+            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 5 * L * P) + itemsize * slots
             + threads * L * P)
 
 
@@ -818,22 +816,18 @@ def sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py
 cdef inline void _sparse_levels(const int64_t* shapes, const int64_t* starts, Py_ssize_t L, Py_ssize_t P,
                                 Py_ssize_t M, int64_t* area, cyd_levels* lv) noexcept nogil:
     """Per point k of a row (level l = k // P), the numbers of its level that phase 1
-    needs (cyd_levels, src/msda_inner.h), in ``area`` (7 L P int64)."""
+    needs (cyd_levels, src/msda_inner.h), in ``area`` (5 L P int64)."""
     cdef Py_ssize_t LP = L * P, k
     cdef int64_t H, W, two31 = 2147483648
-    cdef int64_t* Wt = area
-    cdef int64_t* Ht = area + LP
-    cdef int64_t* base = area + 2 * LP
-    cdef int64_t* WM = area + 3 * LP
-    cdef double* Wd = <double*>(area + 4 * LP)
-    cdef double* Hd = <double*>(area + 5 * LP)
-    cdef int32_t* Wi = <int32_t*>(area + 6 * LP)
+    cdef int64_t* base = area
+    cdef int64_t* WM = area + LP
+    cdef double* Wd = <double*>(area + 2 * LP)
+    cdef double* Hd = <double*>(area + 3 * LP)
+    cdef int32_t* Wi = <int32_t*>(area + 4 * LP)
     lv.narrow = 1
     for k in range(LP):
         H = shapes[2 * (k // P)]
         W = shapes[2 * (k // P) + 1]
-        Ht[k] = H
-        Wt[k] = W
         base[k] = starts[k // P] * M
         WM[k] = W * M
         Hd[k] = <double>H
@@ -842,8 +836,6 @@ cdef inline void _sparse_levels(const int64_t* shapes, const int64_t* starts, Py
         if H >= two31 or W >= two31 or (H * W + W + 1) * M >= two31:
             lv.narrow = 0
         Wi[k] = <int32_t>W if lv.narrow else 0
-    lv.W = Wt
-    lv.H = Ht
     lv.base = base
     lv.WM = WM
     lv.Wd = Wd
@@ -1003,6 +995,15 @@ cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize
     _split_blocks(block_first, B, NB, shift, threads, first_block)
 
 
+cdef inline int64_t _take(int64_t* cursor, int64_t key, int shift, const _Slot* placed) noexcept nogil:
+    """Phase 2: the next position in key's block, its cursor moved on; the line a few
+    records on in that block's stream asked for (see _sparse_place)."""
+    cdef int64_t pos = cursor[key >> shift]
+    cursor[key >> shift] = pos + 1
+    cyd_prefetch_write(placed + pos + _PLACE_AHEAD)
+    return pos
+
+
 cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, const floating* weights,
                                int64_t* cursor, int shift, Py_ssize_t LP, _Slot* placed) noexcept nogil:
     """Phase 2 for rows [r_lo, r_hi): their slots placed at the thread's cursors (one per
@@ -1018,9 +1019,7 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
             key1 = keys[e + 1]
             if _pair(key, key1, shift):
                 # key1 = key + M: the next texel in x.
-                pos = cursor[key >> shift]
-                cursor[key >> shift] = pos + 1
-                cyd_prefetch_write(placed + pos + _PLACE_AHEAD)
+                pos = _take(cursor, key, shift, placed)
                 placed[pos].rk = (((r << shift) | (key & mask)) << 1) | 1
                 placed[pos].w0 = weights[e]
                 placed[pos].w1 = weights[e + 1]
@@ -1030,9 +1029,7 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
             for i in range(e, e + 2):
                 key = keys[i]
                 if key >= 0:
-                    pos = cursor[key >> shift]
-                    cursor[key >> shift] = pos + 1
-                    cyd_prefetch_write(placed + pos + _PLACE_AHEAD)
+                    pos = _take(cursor, key, shift, placed)
                     placed[pos].rk = ((r << shift) | (key & mask)) << 1
                     placed[pos].w0 = weights[i]
                     keys[i] = 2 * pos
@@ -1108,7 +1105,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
     unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
     cursor (``threads`` x B + ``threads`` + 1, int64), weights (floating, a slot each),
-    the level tables (cyd_levels, 7 L P int64) and a status byte a point per thread (L P
+    the level tables (cyd_levels, 5 L P int64) and a status byte a point per thread (L P
     each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef Py_ssize_t slots = 4 * R * LP
@@ -1123,7 +1120,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* cursor = block_first + B + 1
     cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
     cdef int64_t* level_area = <int64_t*>(weights + slots)  # slots is a multiple of 4: 8-byte aligned
-    cdef signed char* status = <signed char*>(level_area + 7 * LP)
+    cdef signed char* status = <signed char*>(level_area + 5 * LP)
     cdef cyd_levels lv
     cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
     cdef Py_ssize_t t, r

@@ -321,10 +321,9 @@ CYD_DEFINE_ENTRY_POINTS(double, d)
 /* Per point k of a row (its level l = k / P), the numbers of its level that the sparse
  * geometry needs; set up once a call (_sparse_levels in src/_cpu_impl.pxi). */
 typedef struct {
-    const int64_t *W, *H;   /* the level's width and height */
     const int64_t *base;    /* starts[l] M: the key of the level's position 0 */
     const int64_t *WM;      /* W M: from a corner to the one below it */
-    const double *Wd, *Hd;  /* W, H as doubles */
+    const double *Wd, *Hd;  /* the level's width and height W, H as doubles */
     const int32_t *Wi;      /* W as an int32 (only read where narrow) */
     int narrow;             /* every level has (H W + W + 1) M < 2^31: a corner's key
                                within its level, (y0 W + x0) M, fits an int32 */
@@ -356,10 +355,10 @@ typedef struct {
             break;                                                                            \
         }                                                                                     \
         double x0f = floor(x), y0f = floor(y);                                                \
-        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f, Wk = lv->W[k];                          \
+        int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f;                                        \
         double lx = x - x0f, ly = y - y0f, a = attn[k];                                       \
-        int iy0 = y0 >= 0, iy1 = y0 + 1 < lv->H[k], ix0 = x0 >= 0, ix1 = x0 + 1 < Wk;         \
-        int64_t b = key_nm + lv->base[k] + (y0 * Wk + x0) * M;                                \
+        int iy0 = y0 >= 0, iy1 = y0f + 1.0 < Hf, ix0 = x0 >= 0, ix1 = x0f + 1.0 < Wf;         \
+        int64_t b = key_nm + lv->base[k] + y0 * lv->WM[k] + x0 * M;                           \
         keys[4 * (k)] = iy0 && ix0 ? b : -1;                                                  \
         keys[4 * (k) + 1] = iy0 && ix1 ? b + M : -1;                                          \
         keys[4 * (k) + 2] = iy1 && ix0 ? b + lv->WM[k] : -1;                                  \
