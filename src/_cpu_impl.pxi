@@ -290,6 +290,23 @@ cdef inline void _rows_out(floating* dst, const floating* src, Py_ssize_t width,
         memcpy(dst + (r0 + j * step) * width, src + j * width, width * sizeof(floating))
 
 
+cdef inline void _row_prefetch(const floating* row, Py_ssize_t width, bint write) noexcept nogil:
+    """Ask for the lines of one row of ``width`` elements (for writing if ``write``)."""
+    cdef const char* p = <const char*>row
+    cdef Py_ssize_t nbytes = width * sizeof(floating), off = 0
+    while off < nbytes:
+        if write:
+            cyd_prefetch_write(p + off)
+        else:
+            cyd_prefetch_line(p + off)
+        off += 64
+    # The last byte: a row that does not start on a line ends on one line more.
+    if write:
+        cyd_prefetch_write(p + nbytes - 1)
+    else:
+        cyd_prefetch_line(p + nbytes - 1)
+
+
 cdef void _forward_heads(const floating* value, const int64_t* shapes, const int64_t* starts,
                          const floating* loc, const floating* attn, floating* out, const floating* zeros,
                          floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
@@ -301,7 +318,7 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
     there and copies the outputs out at the end."""
     cdef Py_ssize_t LP = L * P, per = _QUERY_BLOCK * (3 * LP + D)
     cdef Py_ssize_t blocks = (Lq + _QUERY_BLOCK - 1) // _QUERY_BLOCK
-    cdef Py_ssize_t t, n, m, q_lo, q_hi, r0, j
+    cdef Py_ssize_t t, n, m, q_lo, q_hi, q1, r0, r1, nb, j
     cdef floating* b_loc
     cdef floating* b_attn
     cdef floating* b_out
@@ -316,7 +333,21 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
         r0 = (n * Lq + q_lo) * M + m  # the task's rows: r0, r0 + M, ...
         _rows_in(b_loc, loc, 2 * LP, r0, M, q_hi - q_lo)
         _rows_in(b_attn, attn, LP, r0, M, q_hi - q_lo)
+        if t + 1 < N * M * blocks:
+            # The next task's rows (this thread's next one under the static schedule).
+            q1 = ((t + 1) % blocks) * _QUERY_BLOCK
+            r1 = ((t + 1) // (M * blocks) * Lq + q1) * M + ((t + 1) // blocks) % M
+            nb = min(Lq, q1 + _QUERY_BLOCK) - q1
+        else:
+            r1 = r0
+            nb = 0
         for j in range(q_hi - q_lo):
+            if j < nb:
+                # The next task's row j meanwhile (not all its rows at once: a burst
+                # would fill the miss buffers the gathers need).
+                _row_prefetch(loc + (r1 + j * M) * 2 * LP, 2 * LP, False)
+                _row_prefetch(attn + (r1 + j * M) * LP, LP, False)
+                _row_prefetch(out + (r1 + j * M) * D, D, True)
             _forward_row(value + (n * M + m) * S * D, zeros, D, shapes, starts, L, P, D,
                          b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
         _rows_out(out, b_out, D, r0, M, q_hi - q_lo)
