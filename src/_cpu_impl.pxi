@@ -84,6 +84,7 @@ def cpu_supports(str isa):
 cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
     void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
+    int64_t cyd_claim(int64_t* counter) noexcept nogil
     void cyd_prefetch_line_l2(const void* p) noexcept nogil
     void cyd_prefetch_line(const void* p) noexcept nogil
     void cyd_prefetch_write(const void* p) noexcept nogil
@@ -756,7 +757,8 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 #    grad_value each, so a block stays in L2): each thread counts (during 1) and places
 #    the slots of its own rows, blocks filled thread after thread; a point's corners 0
 #    and 1 (2 and 3: the next texel in x) as one record where both are in one block;
-# 3. per block, one range of blocks per thread (ranges of about equal work, _split_blocks):
+# 3. per block, blocks handed out one at a time, the last (the coarsest levels', with
+#    the most slots) first, to whichever thread is free (_sparse_sum_blocks):
 #    the block summed in a per-thread buffer, zeroed first, then for each of its slots
 #    in slot order the dot product g . value[key] (kept per slot) and buf[key] += A w_c g;
 #    then the buffer streamed out to grad_value with non-temporal stores (no read of
@@ -931,38 +933,6 @@ cdef inline void _sparse_gradients(const int64_t* shapes, Py_ssize_t L, Py_ssize
                          grad_attn + k, grad_loc + 2 * k)
 
 
-cdef void _split_blocks(const int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift, int threads,
-                        int64_t* first_block) noexcept nogil:
-    """Phase 3 of the sparse backward: thread t takes blocks [first_block[t], first_block[t + 1]),
-    ranges of about equal work, rows (zeroed, streamed out) plus records (one or two
-    dots and scatters each), rather than of equal block counts: a decoder call's coarse
-    levels put half of its slots in its last few blocks. Rows and slots weighed the same
-    (before the pairs): of the weights 0 to 4 for a slot against a row, 1 was fastest or
-    within noise of it (2 threads, benchmarks/cpu_log.md, 19). Which thread does a block
-    never changes its bits."""
-    cdef int64_t total = NB + block_first[B], cost = 0
-    cdef Py_ssize_t blk
-    cdef int t = 0
-    first_block[0] = 0
-    for blk in range(B):
-        while t + 1 < threads and cost * threads >= (t + 1) * total:
-            t += 1
-            first_block[t] = blk
-        cost += min(NB, (blk + 1) << shift) - (blk << shift) + block_first[blk + 1] - block_first[blk]
-    while t < threads:
-        t += 1
-        first_block[t] = B
-
-
-def split_blocks(const int64_t[::1] block_first, Py_ssize_t rows, int shift, int threads):
-    """Internal (tests): _split_blocks for slot offsets ``block_first`` (B + 1) over ``rows``
-    grad_value rows in blocks of 2**shift rows; returns first_block (threads + 1)."""
-    first_block = np.empty(threads + 1, dtype=np.int64)
-    cdef int64_t[::1] out = first_block
-    _split_blocks(&block_first[0], block_first.shape[0] - 1, rows, shift, threads, &out[0])
-    return first_block
-
-
 cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_ssize_t count) noexcept nogil:
     """Prefetches up to ``count`` 64-byte lines from ``ahead`` (not past ``end``) into the L2;
     returns where it stopped."""
@@ -1008,12 +978,12 @@ cdef inline void _sparse_slots(Py_ssize_t r_lo, Py_ssize_t r_hi, const cyd_level
                 count[key1 >> shift] += 1
 
 
-cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize_t B, Py_ssize_t NB, int shift,
-                                 int threads, int64_t* first_block) noexcept nogil:
+cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize_t B,
+                                 int threads) noexcept nogil:
     """Between phases 1 and 2 (one thread): where each thread's slots of each block go,
     blocks in order, within a block the threads in order, so a block's slots end up in
     slot order whatever the thread count (cursor[t B + blk]: thread t's count in, its
-    first position out); block_first; phase 3's split."""
+    first position out); block_first."""
     cdef Py_ssize_t blk, t
     cdef int64_t pos = 0, count
     for blk in range(B):
@@ -1023,7 +993,6 @@ cdef inline void _sparse_offsets(int64_t* cursor, int64_t* block_first, Py_ssize
             cursor[t * B + blk] = pos
             pos += count
     block_first[B] = pos
-    _split_blocks(block_first, B, NB, shift, threads, first_block)
 
 
 cdef inline int64_t _take(int64_t* cursor, int64_t key, int shift, const _Slot* placed) noexcept nogil:
@@ -1066,17 +1035,23 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
                     keys[i] = 2 * pos
 
 
-cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const floating* grad_out,
+cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floating* grad_out,
                                     const floating* value, floating* grad_value, floating* buf,
                                     const int64_t* block_first, const _Slot* placed, double* dots,
                                     Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift) noexcept nogil:
-    """Phase 3 for blocks [blk_lo, blk_hi): each zeroed in ``buf``, its slots' dots and
-    scatters, then streamed out to grad_value; the next block's value rows prefetched
-    (into the L2) in address order meanwhile, spread over the block's slots, and each
-    record's rows a few records ahead into the L1. With ``dots`` NULL, the
-    benchmark's floor (sparse_floor): each slot's value row added with weight 1, no dot
-    (the floor's slots have r = 0)."""
-    cdef Py_ssize_t blk, row_lo, row_hi, pos, lo, hi, step
+    """Phase 3 for the blocks this thread claims: the j-th claim of all threads together
+    (``claimed``, shared, from 0) is block B - 1 - j, so the heaviest blocks (the coarse
+    levels, at the end of value, have the most slots per row) go first and the threads
+    end within about a light block of each other, whatever a block's slots cost on this
+    machine against its rows (static ranges of equal estimated work left 1.2-1.5x
+    between the two threads of the decoder call, cpu_log 55). Each block is zeroed in
+    ``buf``, its slots' dots and scatters, then streamed out to grad_value; the thread's
+    next block (claimed one ahead) has its value rows prefetched (into the L2) in address
+    order meanwhile, spread over the block's slots, and each record's rows a few records
+    ahead into the L1. Which thread does a block never changes its bits. With ``dots``
+    NULL, the benchmark's floor (sparse_floor): each slot's value row added with weight
+    1, no dot (the floor's slots have r = 0)."""
+    cdef Py_ssize_t blk, nxt, row_lo, row_hi, pos, lo, hi, step
     cdef int64_t rk, k, mask = (1 << shift) - 1
     cdef floating* out
     cdef floating* out1
@@ -1085,14 +1060,18 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
     cdef const floating* g
     cdef const char* ahead
     cdef const char* ahead_end
-    for blk in range(blk_lo, blk_hi):
+    blk = B - 1 - cyd_claim(claimed)
+    while blk >= 0:
+        nxt = B - 1 - cyd_claim(claimed)
         row_lo = blk << shift
         row_hi = min(NB, row_lo + (1 << shift))
         memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
         lo = block_first[blk]
         hi = block_first[blk + 1]
-        ahead = <const char*>(value + row_hi * D)
-        ahead_end = <const char*>(value + min(NB, row_hi + (1 << shift)) * D)
+        ahead = ahead_end = <const char*>value
+        if nxt >= 0:
+            ahead = <const char*>(value + (nxt << shift) * D)
+            ahead_end = <const char*>(value + min(NB, (nxt + 1) << shift) * D)
         step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
         for pos in range(lo, hi):
             ahead = _prefetch_lines(ahead, ahead_end, step)
@@ -1125,6 +1104,7 @@ cdef inline void _sparse_sum_blocks(Py_ssize_t blk_lo, Py_ssize_t blk_hi, const 
             else:
                 cyd_record_d(g, v, v1, out, out1, placed[pos].w0, placed[pos].w1, rk & 1, D, dots + 2 * pos)
         cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
+        blk = nxt
 
 
 cdef void _backward_sparse(const floating* grad_out, const floating* value, const int64_t* shapes,
@@ -1153,7 +1133,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef int64_t* level_area = <int64_t*>(weights + slots)  # slots is a multiple of 4: 8-byte aligned
     cdef signed char* status = <signed char*>(level_area + 5 * LP)
     cdef cyd_levels lv
-    cdef int64_t* first_block = cursor + threads * B  # phase 3: thread t's blocks [first_block[t], first_block[t + 1])
+    cdef int64_t* claimed = cursor + threads * B  # phase 3: blocks handed out so far
     cdef Py_ssize_t t, r
     # One parallel region, a barrier after each phase (each prange's end), so the other
     # threads are woken once a call, not once a phase: the same speed with libgomp's
@@ -1167,15 +1147,16 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
             _sparse_slots(t * R // threads, (t + 1) * R // threads, &lv, status + t * LP, loc, attn, grad_loc,
                           grad_attn, keys, weights, geo, cursor + t * B, B, shift, S, M, Lq, L, P)
         for t in prange(1, schedule="static"):
-            _sparse_offsets(cursor, block_first, B, NB, shift, threads, first_block)
+            _sparse_offsets(cursor, block_first, B, threads)
+            claimed[0] = 0
         # 2. Thread t places its own rows' slots.
         for t in prange(threads, schedule="static"):
             _sparse_place(t * R // threads, (t + 1) * R // threads, keys, weights, cursor + t * B, shift, LP,
                           placed)
-        # 3. Thread t, blocks [first_block[t], first_block[t + 1]): each summed in the
-        #    thread's buffer (the slots' dots and scatters) and streamed out to grad_value.
+        # 3. Blocks handed out one at a time: each summed in the thread's buffer (the
+        #    slots' dots and scatters) and streamed out to grad_value.
         for t in prange(threads, schedule="static"):
-            _sparse_sum_blocks(first_block[t], first_block[t + 1], grad_out, value, grad_value,
+            _sparse_sum_blocks(claimed, B, grad_out, value, grad_value,
                                block_bufs + t * (D << shift), block_first, placed, dots, NB, D, M, shift)
         # 4. Rows in parallel: the location and weight gradients.
         for r in prange(R, schedule="static"):
@@ -1436,12 +1417,12 @@ def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first):
     threads = _threads(slots.shape[0] * D)
     grad = _aligned_empty(value.shape, value.dtype)
     bufs = _aligned_empty(threads * (D << shift), value.dtype)
-    first_block = np.empty(threads + 1, dtype=np.int64)
+    claimed = np.zeros(1, dtype=np.int64)
     if value.dtype == np.float32:
-        _sparse_floor_typed[float](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, first_block,
+        _sparse_floor_typed[float](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, claimed,
                                    D, shift, threads)
     else:
-        _sparse_floor_typed[double](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, first_block,
+        _sparse_floor_typed[double](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, claimed,
                                     D, shift, threads)
     return grad
 
@@ -1452,13 +1433,12 @@ def sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize):
 
 
 cdef _sparse_floor_typed(const floating[::1] value, const _Slot[::1] slots, const int64_t[::1] block_first,
-                         floating[::1] grad, floating[::1] bufs, int64_t[::1] first_block, Py_ssize_t D,
+                         floating[::1] grad, floating[::1] bufs, int64_t[::1] claimed, Py_ssize_t D,
                          int shift, int threads):
     cdef Py_ssize_t NB = value.shape[0] // D, B = block_first.shape[0] - 1, t
     with nogil:
-        _split_blocks(&block_first[0], B, NB, shift, threads, &first_block[0])
         for t in prange(threads, schedule="static", num_threads=threads):
-            _sparse_sum_blocks(first_block[t], first_block[t + 1], NULL, &value[0], &grad[0],
+            _sparse_sum_blocks(&claimed[0], B, NULL, &value[0], &grad[0],
                                &bufs[0] + t * (D << shift), &block_first[0], &slots[0], NULL, NB, D, 0, shift)
 
 

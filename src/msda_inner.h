@@ -46,6 +46,19 @@
 #define cyd_prefetch_row(p) ((void)(p))
 #endif
 
+/* The value of *counter, which is incremented, atomically: phase 3 of the sparse
+ * backward hands out its blocks this way (dynamic scheduling). */
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+static inline int64_t cyd_claim(int64_t *counter) {
+    return _InterlockedExchangeAdd64((volatile __int64 *)counter, 1);
+}
+#else
+static inline int64_t cyd_claim(int64_t *counter) {
+    return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+}
+#endif
+
 /* dst[0:n] = src[0:n] (bytes); on x86-64 the 64-byte-aligned part of dst with
  * non-temporal stores (elsewhere a plain memcpy): written straight to memory, without
  * first reading the destination's lines into the cache (half the memory traffic of a

@@ -404,27 +404,6 @@ def test_sparse_backward_c_entry_point_writes_a_misaligned_grad_value(restore_th
         assert np.all(raw[:start] == 0xAB) and np.all(raw[start + value.nbytes:] == 0xAB)
 
 
-@given(counts=st.lists(st.integers(0, 3000), min_size=1, max_size=60), shift=st.integers(0, 10),
-       spare=st.integers(0, 1023), threads=st.integers(1, 5))
-def test_sparse_blocks_split_into_ranges_of_about_equal_work(counts, shift, spare, threads):
-    """The sparse backward's last phase gives thread t blocks [first[t], first[t + 1]):
-    together every block exactly once, in order, and no thread more than its share of
-    the work (rows to zero plus slots to add) by more than one block's work."""
-    from cydeform import _cpu
-
-    rows_per_block = 1 << shift
-    B = len(counts)
-    rows = B * rows_per_block - min(spare, rows_per_block - 1)  # the last block may be short
-    block_first = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    first = _cpu._impl.split_blocks(block_first, rows, shift, threads)
-    assert first[0] == 0 and first[-1] == B and len(first) == threads + 1
-    assert np.all(np.diff(first) >= 0)
-    block_rows = np.minimum(rows_per_block, rows - np.arange(B) * rows_per_block)
-    work = block_rows + np.asarray(counts)
-    for t in range(threads):
-        assert work[first[t]:first[t + 1]].sum() <= work.sum() / threads + work.max()
-
-
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only restores state
 @given(data=st.data(), dtype=st.sampled_from([np.float64, np.float32]), nonfinite=st.booleans())
 def test_head_major_and_given_layouts_give_the_same_bits(restore_threads, data, dtype, nonfinite):
