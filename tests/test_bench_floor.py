@@ -110,7 +110,7 @@ def test_paired_speedup_is_the_ratio_of_one_thread_to_many_in_the_same_rounds():
     before = cydeform.get_num_threads()
     try:
         # A call that takes 2 ms per thread: 1 thread is twice as fast as 2.
-        ratio = paired_speedup(lambda: time.sleep(0.002 * cydeform.get_num_threads()), 2, 3)
+        ratio = paired_speedup(lambda: time.sleep(0.002 * cydeform.get_num_threads()), 2, 3, min_time=0)
         assert 0.3 < ratio < 0.8
         assert cydeform.get_num_threads() == 2  # left at the row's thread count
     finally:
@@ -130,6 +130,10 @@ def test_paired_ratio_is_the_ratio_of_two_calls_in_the_same_rounds():
         calls.append("b")
         time.sleep(0.002)
 
-    ratio = paired_ratio(slow, fast, 3)
+    ratio = paired_ratio(slow, fast, 3, min_time=0)
     assert 1.4 < ratio < 2.8
     assert calls == ["a", "b"] * 4  # a warm-up of each, then a then b in each of 3 rounds
+    # With a minimum time, rounds go on past ``repeat`` until it is spent (6 ms a round).
+    calls.clear()
+    paired_ratio(slow, fast, 3, min_time=0.05)
+    assert len(calls) >= 2 * 8 and calls == ["a", "b"] * (len(calls) // 2)

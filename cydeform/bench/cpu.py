@@ -57,12 +57,15 @@ def median_time(fn, repeat, min_time=0.0):
     return statistics.median(times)
 
 
-def paired_speedup(fn, threads, repeat):
+def paired_speedup(fn, threads, repeat, min_time=1.0):
     """Median over rounds of (1-thread time / ``threads``-thread time) of ``fn``, the two
     run back to back in each round, so that a machine whose speed drifts over minutes
-    (shared VMs) does not skew the ratio as two separately timed medians would."""
+    (shared VMs) does not skew the ratio as two separately timed medians would. At
+    least ``repeat`` rounds and ``min_time`` seconds of them: a call of a few ms gets
+    hundreds of rounds, whose median a slow stretch of the VM moves less."""
     ratios = []
-    for _ in range(max(3, repeat)):
+    start = time.perf_counter()
+    while len(ratios) < max(3, repeat) or time.perf_counter() - start < min_time:
         pair = []
         for n in (1, threads):
             cydeform.set_num_threads(n)
@@ -74,14 +77,15 @@ def paired_speedup(fn, threads, repeat):
     return statistics.median(ratios)
 
 
-def paired_ratio(fn, ref, repeat):
+def paired_ratio(fn, ref, repeat, min_time=1.0):
     """Median over rounds of (``fn``'s time / ``ref``'s time), the two run back to back in
     each round (after a warm-up of each), for the same reason as paired_speedup: the
     benchmark's "x floor" under a drifting machine."""
     fn()
     ref()
     ratios = []
-    for _ in range(max(3, repeat)):
+    start = time.perf_counter()
+    while len(ratios) < max(3, repeat) or time.perf_counter() - start < min_time:
         pair = []
         for f in (fn, ref):
             t0 = time.perf_counter()
