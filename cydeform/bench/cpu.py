@@ -14,7 +14,8 @@ head-major copy) and cydeform's time as a multiple of it; the
 header gives the machine's copy bandwidth. ``--no-floor`` skips them. Rows with more
 than one thread show the speed-up over 1 thread as the median of ratios of the two
 timed back to back (``paired_speedup``), not as a ratio of two medians taken a
-minute apart.
+minute apart, and beside it the floor's own speed-up measured the same way: how much
+a second thread can give on this machine (shared caches and memory bandwidth).
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def run_cpu(args):
                     # Scaling: 1 thread and this many timed in the same rounds.
                     s_f = paired_speedup(op_forward, threads, args.repeat) if threads > 1 else None
                     s_b = paired_speedup(op_backward, threads, args.repeat) if threads > 1 else None
-                    fl_f = fl_b = x_f = x_b = None
+                    fl_f = fl_b = x_f = x_b = sf_f = sf_b = None
                     if rows is not None:
                         def floor_forward():
                             _cpu._impl.gather_floor(floor_value, rows, heads=heads)
@@ -186,13 +187,20 @@ def run_cpu(args):
                         # "x floor": the op and its floor back to back in each round.
                         x_f = paired_ratio(op_forward, floor_forward, args.repeat)
                         x_b = paired_ratio(op_backward, floor_backward, args.repeat)
+                        # The floor's own scaling: what this machine allows the op.
+                        if threads > 1:
+                            sf_f = paired_speedup(floor_forward, threads, args.repeat)
+                            sf_b = paired_speedup(floor_backward, threads, args.repeat)
                     tt_f = tt_b = None
                     if ref is not None:
                         tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)
-                    for name, t, tt, fl, x, sp, bwd in (("forward", t_f, tt_f, fl_f, x_f, s_f, False),
-                                                        ("backward", t_b, tt_b, fl_b, x_b, s_b, True)):
+                    for name, t, tt, fl, x, sp, sfl, bwd in (
+                            ("forward", t_f, tt_f, fl_f, x_f, s_f, sf_f, False),
+                            ("backward", t_b, tt_b, fl_b, x_b, s_b, sf_b, True)):
                         gbs = traffic_bytes(1, Lq_, dtype, bwd) / t / 1e9
-                        extra = f" ({sp:.2f}x 1 thread)" if sp is not None else ""
+                        extra = ""
+                        if sp is not None:
+                            extra = f" ({sp:.2f}x 1 thread" + (f"; floor {sfl:.2f}x)" if sfl is not None else ")")
                         torch_ms = f"{tt * 1e3:.1f}" if tt else "-"
                         ratio = f"{tt / t:.1f}x" if tt else "-"
                         floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {x:.2f} | "
