@@ -765,8 +765,8 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 #    grad_value each, so a block stays in L2): each thread counts (during 1) and places
 #    the slots of its own rows, blocks filled thread after thread; a point's corners 0
 #    and 1 (2 and 3: the next texel in x) as one record where both are in one block;
-# 3. per block, blocks handed out one at a time, the last (the coarsest levels', with
-#    the most slots) first, to whichever thread is free (_sparse_sum_blocks):
+# 3. per block, blocks handed out one at a time, in order, to whichever thread is free
+#    (_sparse_sum_blocks):
 #    the block summed in a per-thread buffer, zeroed first, then for each of its slots
 #    in slot order the dot product g . value[key] (kept per slot) and buf[key] += A w_c g;
 #    then the buffer streamed out to grad_value with non-temporal stores (no read of
@@ -1048,11 +1048,11 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
                                     const int64_t* block_first, const _Slot* placed, double* dots,
                                     Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift) noexcept nogil:
     """Phase 3 for the blocks this thread claims: the j-th claim of all threads together
-    (``claimed``, shared, from 0) is block B - 1 - j, so the heaviest blocks (the coarse
-    levels, at the end of value, have the most slots per row) go first and the threads
-    end within about a light block of each other, whatever a block's slots cost on this
-    machine against its rows (static ranges of equal estimated work left 1.2-1.5x
-    between the two threads of the decoder call, cpu_log 55). Each block is zeroed in
+    (``claimed``, shared, from 0) is block j, so the threads end within about a block of
+    each other, whatever a block's slots cost on this machine against its rows (static
+    ranges of equal estimated work left 1.2-1.5x between the two threads of the decoder
+    call; the heaviest blocks first measured the same at 2 threads and 2-3 % slower at
+    1, cpu_log 55 and 58). Each block is zeroed in
     ``buf``, its slots' dots and scatters, then streamed out to grad_value; the thread's
     next block (claimed one ahead) has its value rows prefetched (into the L2) in address
     order meanwhile, spread over the block's slots, and each record's rows a few records
@@ -1068,16 +1068,16 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     cdef const floating* g
     cdef const char* ahead
     cdef const char* ahead_end
-    blk = B - 1 - cyd_claim(claimed)
-    while blk >= 0:
-        nxt = B - 1 - cyd_claim(claimed)
+    blk = cyd_claim(claimed)
+    while blk < B:
+        nxt = cyd_claim(claimed)
         row_lo = blk << shift
         row_hi = min(NB, row_lo + (1 << shift))
         memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
         lo = block_first[blk]
         hi = block_first[blk + 1]
         ahead = ahead_end = <const char*>value
-        if nxt >= 0:
+        if nxt < B:
             ahead = <const char*>(value + (nxt << shift) * D)
             ahead_end = <const char*>(value + min(NB, (nxt + 1) << shift) * D)
         step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
