@@ -33,11 +33,12 @@ def _aligned_empty(shape, dtype):
     # swept its caches, where each Python-level step costs microseconds (cpu_log 56).
     dtype = np.dtype(dtype)
     cdef Py_ssize_t nbytes = dtype.itemsize, n
-    if isinstance(shape, tuple):
-        for n in shape:
-            nbytes *= n
-    else:
-        nbytes *= <Py_ssize_t>shape
+    if not isinstance(shape, tuple):
+        shape = tuple(shape) if hasattr(shape, "__len__") else (shape,)
+    for n in shape:
+        if n < 0:
+            raise ValueError(f"negative dimensions are not allowed: {shape}")
+        nbytes *= n
     raw = np.empty(nbytes + 64, dtype=np.uint8)
     cdef unsigned char[::1] bytes_ = raw
     cdef Py_ssize_t offset = (64 - <uintptr_t>&bytes_[0] % 64) % 64
@@ -93,6 +94,7 @@ cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
     void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
     int64_t cyd_claim(int64_t* counter) noexcept nogil
+    void cyd_barrier() noexcept nogil
     void cyd_prefetch_line_l2(const void* p) noexcept nogil
     void cyd_prefetch_line(const void* p) noexcept nogil
     void cyd_prefetch_write(const void* p) noexcept nogil
@@ -771,7 +773,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 #    in slot order the dot product g . value[key] (kept per slot) and buf[key] += A w_c g;
 #    then the buffer streamed out to grad_value with non-temporal stores (no read of
 #    grad_value's cold lines first, half the memory traffic of zeroing it in place).
-#    value's rows of the next block are prefetched in address order meanwhile, so a
+#    value's rows of the thread's next block are prefetched in address order meanwhile, so a
 #    thread reads value and writes grad_value one block at a time, not in random order
 #    over all of each;
 # 4. rows in parallel: each point's location and weight gradients from its four dots.
@@ -1048,8 +1050,8 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
                                     const int64_t* block_first, const _Slot* placed, double* dots,
                                     Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift) noexcept nogil:
     """Phase 3 for the blocks this thread claims: the j-th claim of all threads together
-    (``claimed``, shared, from 0) is block j, so the threads end within about a block of
-    each other, whatever a block's slots cost on this machine against its rows (static
+    (``claimed``, shared, from 0) is block j, so the threads end within a block or two of
+    each other (each holds the block it works on and the one it claimed next), whatever a block's slots cost on this machine against its rows (static
     ranges of equal estimated work left 1.2-1.5x between the two threads of the decoder
     call; the heaviest blocks first measured the same at 2 threads and 2-3 % slower at
     1, cpu_log 55 and 58). Each block is zeroed in
@@ -1123,7 +1125,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned: the thread's block buffers,
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
     unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
-    cursor (``threads`` x B + ``threads`` + 1, int64), weights (floating, a slot each),
+    cursor (``threads`` x B, int64) followed by phase 3's block counter and ``threads``
+    unused int64, weights (floating, a slot each),
     the level tables (cyd_levels, 5 L P int64) and a status byte a point per thread (L P
     each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
@@ -1143,29 +1146,33 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef cyd_levels lv
     cdef int64_t* claimed = cursor + threads * B  # phase 3: blocks handed out so far
     cdef Py_ssize_t t, r
-    # One parallel region, a barrier after each phase (each prange's end), so the other
-    # threads are woken once a call, not once a phase: the same speed with libgomp's
-    # default wait policy, 4-6 % faster at 2 threads with OMP_WAIT_POLICY=passive
-    # (benchmarks/cpu_log.md, 21).
+    # One parallel region, a barrier after each phase (cyd_barrier: Cython makes each
+    # prange here an `omp for nowait`), so the other threads are woken once a call, not
+    # once a phase: the same speed with libgomp's default wait policy, 4-6 % faster at
+    # 2 threads with OMP_WAIT_POLICY=passive (benchmarks/cpu_log.md, 21).
     _sparse_levels(shapes, starts, L, P, M, level_area, &lv)
+    claimed[0] = 0
     with parallel(num_threads=threads):
         # 1. Thread t, rows [t R / T, (t + 1) R / T) in order: the slots and geometry, and
         #    in cursor[t B + blk] how many of its slots fall in blk.
         for t in prange(threads, schedule="static"):
             _sparse_slots(t * R // threads, (t + 1) * R // threads, &lv, status + t * LP, loc, attn, grad_loc,
                           grad_attn, keys, weights, geo, cursor + t * B, B, shift, S, M, Lq, L, P)
+        cyd_barrier()
         for t in prange(1, schedule="static"):
             _sparse_offsets(cursor, block_first, B, threads)
-            claimed[0] = 0
+        cyd_barrier()
         # 2. Thread t places its own rows' slots.
         for t in prange(threads, schedule="static"):
             _sparse_place(t * R // threads, (t + 1) * R // threads, keys, weights, cursor + t * B, shift, LP,
                           placed)
+        cyd_barrier()
         # 3. Blocks handed out one at a time: each summed in the thread's buffer (the
         #    slots' dots and scatters) and streamed out to grad_value.
         for t in prange(threads, schedule="static"):
             _sparse_sum_blocks(claimed, B, grad_out, value, grad_value,
                                block_bufs + t * (D << shift), block_first, placed, dots, NB, D, M, shift)
+        cyd_barrier()
         # 4. Rows in parallel: the location and weight gradients.
         for r in prange(R, schedule="static"):
             _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
@@ -1413,7 +1420,7 @@ def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first):
     (slot_dtype): every in-map corner's placed slot, its value row within its block in
     rk (r = 0), in the method's slot order bucketed stably by block
     (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1): where each block's slots
-    start. The op's phase 3 with its split over threads, prefetch and buffers, each
+    start. The op's phase 3 with its shared block counter, prefetch and buffers, each
     slot's value row added with weight 1 into its block's buffer, which is then streamed
     out. Returns that grad shaped like value (each row: its value row times the number of
     slots at it)."""

@@ -53,10 +53,30 @@
 static inline int64_t cyd_claim(int64_t *counter) {
     return _InterlockedExchangeAdd64((volatile __int64 *)counter, 1);
 }
-#else
+#elif defined(__GNUC__)
 static inline int64_t cyd_claim(int64_t *counter) {
     return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
 }
+#else
+static inline int64_t cyd_claim(int64_t *counter) {
+    int64_t old;
+#if defined(_OPENMP)
+#pragma omp atomic capture
+#endif
+    old = (*counter)++;
+    return old;
+}
+#endif
+
+/* A barrier of the enclosing OpenMP parallel region (nothing without OpenMP): Cython
+ * compiles a prange inside `with parallel()` as `omp for nowait`, so the phases of a
+ * parallel region need their own barriers between them. */
+#if defined(_OPENMP) && defined(_MSC_VER) && !defined(__clang__)
+static inline void cyd_barrier(void) { __pragma(omp barrier) }
+#elif defined(_OPENMP)
+static inline void cyd_barrier(void) { _Pragma("omp barrier") }
+#else
+static inline void cyd_barrier(void) {}
 #endif
 
 /* dst[0:n] = src[0:n] (bytes); on x86-64 the 64-byte-aligned part of dst with

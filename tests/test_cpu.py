@@ -484,6 +484,40 @@ def test_sparse_backward_over_many_row_blocks_matches_the_oracle(restore_threads
         _cpu._impl.backward(g, value, shapes.astype(np.int64), starts, loc, attn, method="sorted")
 
 
+def test_sparse_backward_with_fewer_threads_than_asked_gives_the_same_bits():
+    """OpenMP may give a parallel region fewer threads than asked (OMP_THREAD_LIMIT,
+    nesting): the sparse backward's phases (one task per requested thread, blocks
+    claimed from a shared counter) must still cover every row and block once. Run in a
+    fresh process whose thread limit is 1, with 3 threads asked for."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, cydeform
+from cydeform import _cpu
+rng = np.random.default_rng(7)
+shapes = np.array([[20, 30], [10, 15], [5, 8]])
+S = int((shapes[:, 0] * shapes[:, 1]).sum())
+N, M, D, Lq, L, P = 2, 4, 32, 30, 3, 2
+assert _cpu._impl.sparse_applies(S, Lq, L, P) and _cpu._impl.sparse_blocks(N * S * M, D, 4) > 3
+value = rng.standard_normal((N, S, M, D)).astype(np.float32)
+loc = rng.uniform(-0.1, 1.1, (N, Lq, M, L, P, 2)).astype(np.float32)
+attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(np.float32)
+g = rng.standard_normal((N, Lq, M * D)).astype(np.float32)
+starts = np.concatenate(([0], np.cumsum(shapes[:, 0] * shapes[:, 1])[:-1])).astype(np.int64)
+dense = _cpu._impl.backward(g, value, shapes.astype(np.int64), starts, loc, attn, method="dense")
+cydeform.set_num_threads(3)
+sparse = _cpu._impl.backward(g, value, shapes.astype(np.int64), starts, loc, attn, method="sparse")
+assert all(a.tobytes() == b.tobytes() for a, b in zip(sparse, dense))
+print("same bits")
+"""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "same bits" in done.stdout
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("L,P,D", [(3, 30, 5), (1, 64, 33), (2, 40, 32), (1, 1, 67), (4, 4, 96)])
 def test_many_points_and_wide_heads_match_the_oracle(restore_threads, dtype, L, P, D):
