@@ -846,7 +846,7 @@ cdef inline Py_ssize_t _sparse_work_bytes(Py_ssize_t N, Py_ssize_t S, Py_ssize_t
     cdef Py_ssize_t slots = 4 * N * Lq * M * L * P
     cdef Py_ssize_t B = _sparse_blocks(N * S * M, D, itemsize)
     return (_sparse_bufs_bytes(D, itemsize, threads)
-            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + threads + 1 + 5 * L * P) + itemsize * slots
+            + 8 * (6 * slots + slots // 2 + B + 1 + threads * B + 1 + 5 * L * P) + itemsize * slots
             + threads * L * P)
 
 
@@ -1051,14 +1051,14 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
                                     Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift) noexcept nogil:
     """Phase 3 for the blocks this thread claims: the j-th claim of all threads together
     (``claimed``, shared, from 0) is block j, so the threads end within a block or two of
-    each other (each holds the block it works on and the one it claimed next), whatever a block's slots cost on this machine against its rows (static
-    ranges of equal estimated work left 1.2-1.5x between the two threads of the decoder
-    call; the heaviest blocks first measured the same at 2 threads and 2-3 % slower at
-    1, cpu_log 55 and 58). Each block is zeroed in
-    ``buf``, its slots' dots and scatters, then streamed out to grad_value; the thread's
-    next block (claimed one ahead) has its value rows prefetched (into the L2) in address
-    order meanwhile, spread over the block's slots, and each record's rows a few records
-    ahead into the L1. Which thread does a block never changes its bits. With ``dots``
+    each other (each holds the block it works on and the one it claimed next), whatever
+    a block's slots cost on this machine against its rows (static ranges of equal
+    estimated work left 1.2-1.5x between the two threads of the decoder call; the
+    heaviest blocks first measured the same at 2 threads and 2-3 % slower at 1, cpu_log
+    55 and 58). Each block is zeroed in ``buf``, its slots' dots and scatters, then
+    streamed out to grad_value; the thread's next block (claimed one ahead) has its
+    value rows prefetched (into the L2) in address order meanwhile, spread over the
+    block's slots, and each record's rows a few records ahead into the L1. Which thread does a block never changes its bits. With ``dots``
     NULL, the benchmark's floor (sparse_floor): each slot's value row added with weight
     1, no dot (the floor's slots have r = 0)."""
     cdef Py_ssize_t blk, nxt, row_lo, row_hi, pos, lo, hi, step
@@ -1125,9 +1125,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned: the thread's block buffers,
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
     unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
-    cursor (``threads`` x B, int64) followed by phase 3's block counter and ``threads``
-    unused int64, weights (floating, a slot each),
-    the level tables (cyd_levels, 5 L P int64) and a status byte a point per thread (L P
+    cursor (``threads`` x B, int64), phase 3's block counter (int64), weights (floating,
+    a slot each), the level tables (cyd_levels, 5 L P int64) and a status byte a point per thread (L P
     each); B = sparse_blocks(N S M, D, itemsize). grad_value need not be zeroed."""
     cdef Py_ssize_t R = N * Lq * M, LP = L * P, NB = N * S * M
     cdef Py_ssize_t slots = 4 * R * LP
@@ -1140,7 +1139,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
     cdef double* geo = dots + 2 * slots
     cdef int64_t* block_first = <int64_t*>(geo + slots // 2)
     cdef int64_t* cursor = block_first + B + 1
-    cdef floating* weights = <floating*>(cursor + threads * B + threads + 1)
+    cdef floating* weights = <floating*>(cursor + threads * B + 1)
     cdef int64_t* level_area = <int64_t*>(weights + slots)  # slots is a multiple of 4: 8-byte aligned
     cdef signed char* status = <signed char*>(level_area + 5 * LP)
     cdef cyd_levels lv
