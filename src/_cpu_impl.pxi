@@ -1058,7 +1058,8 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     55 and 58). Each block is zeroed in ``buf``, its slots' dots and scatters, then
     streamed out to grad_value; the thread's next block (claimed one ahead) has its
     value rows prefetched (into the L2) in address order meanwhile, spread over the
-    block's slots, and each record's rows a few records ahead into the L1. Which thread does a block never changes its bits. With ``dots``
+    block's slots, and each record's value and buffer rows a few records ahead into the
+    L1. Which thread does a block never changes its bits. With ``dots``
     NULL, the benchmark's floor (sparse_floor): each slot's value row added with weight
     1, no dot (the floor's slots have r = 0)."""
     cdef Py_ssize_t blk, nxt, row_lo, row_hi, pos, lo, hi, step
@@ -1088,12 +1089,19 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
             if pos + _SPARSE_ROWS_AHEAD < hi:
                 # On to the L1: the value rows of the record 6 ahead (in the L2 since the
                 # block-ahead prefetch); 1.03-1.15x on Zen 3, whose 512 KiB L2 holds
-                # less of them (benchmarks/cpu_log.md 46).
+                # less of them (benchmarks/cpu_log.md 46); and its buffer rows, for
+                # writing (the 128 KiB buffer is in the L2, not the L1): 2 threads
+                # 1.02-1.06x on Zen 3 (61).
                 rk = placed[pos + _SPARSE_ROWS_AHEAD].rk
                 v = value + (row_lo + ((rk >> 1) & mask)) * D
                 cyd_prefetch_row(v)
+                out = buf + ((rk >> 1) & mask) * D
+                cyd_prefetch_write(out)
+                cyd_prefetch_write(<char*>out + 64)
                 if rk & 1:
                     cyd_prefetch_row(v + M * D)
+                    cyd_prefetch_write(out + M * D)
+                    cyd_prefetch_write(<char*>(out + M * D) + 64)
             rk = placed[pos].rk
             k = (rk >> 1) & mask
             out = buf + k * D
