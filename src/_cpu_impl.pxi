@@ -784,7 +784,10 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
 # in place): benchmarks/cpu_log.md, 17-21; pairs: 35; the geometry in vector types: 42.
 
 cdef enum:
-    _SPARSE_BLOCK_BYTES = 128 * 1024
+    # 64 KiB: on Zen 3 (512 KiB L2) a block's value rows, the next block's and the
+    # buffer then fit beside grad_output; 2 threads 1.02-1.06x against 128 KiB, 1 thread
+    # 1.00-1.04x (cpu_log 64). Flat from 32 KiB to 1 MiB on Zen 4 (18, 38). Not in the bits.
+    _SPARSE_BLOCK_BYTES = 64 * 1024
     _PLACE_AHEAD = 8  # phase 2: prefetch a block's records this far ahead (cpu_log 49: 4, 8, 16)
     _SPARSE_ROWS_AHEAD = 6  # phase 3's L1 prefetch distance, in records (cpu_log 46: 3, 6, 12)
 
@@ -1090,7 +1093,7 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
                 # On to the L1: the value rows of the record 6 ahead (in the L2 since the
                 # block-ahead prefetch); 1.03-1.15x on Zen 3, whose 512 KiB L2 holds
                 # less of them (benchmarks/cpu_log.md 46); and its buffer rows, for
-                # writing (the 128 KiB buffer is in the L2, not the L1): 2 threads
+                # writing (the 64 KiB buffer is in the L2, not the L1): 2 threads
                 # 1.02-1.06x on Zen 3 (61).
                 rk = placed[pos + _SPARSE_ROWS_AHEAD].rk
                 v = value + (row_lo + ((rk >> 1) & mask)) * D

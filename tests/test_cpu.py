@@ -290,7 +290,7 @@ def test_sparse_backward_nonfinite_grad_output_at_a_border_point(restore_threads
 @pytest.mark.parametrize("M", [1, 3])
 def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_threads, M):
     """The sparse method places a point's corners 0 and 1 (2 and 3) as one record where
-    both are in the map and in one grad_value block. With 4 rows a block (D = 4096
+    both are in the map and in one grad_value block. With 4 rows a block (D = 2048
     float64) many such pairs straddle a block boundary and go as two records, others as
     one: the same bits as the dense method either way, for any thread count."""
     from cydeform import _cpu
@@ -298,7 +298,7 @@ def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_thread
     rng = np.random.default_rng(M)
     shapes = np.array([[6, 7], [3, 4]], dtype=np.int64)
     starts = np.array([0, 42], dtype=np.int64)
-    N, S, D, Lq, L, P = 2, 54, 4096, 6, 2, 2
+    N, S, D, Lq, L, P = 2, 54, 2048, 6, 2, 2
     shift = _cpu._impl.sparse_block_shift(D, 8)
     assert shift == 2 and _cpu._impl.sparse_applies(S, Lq, L, P)
     value = rng.standard_normal((N, S, M, D))
