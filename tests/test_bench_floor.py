@@ -1,6 +1,7 @@
 """The benchmark's floor does the op's gathers: its corner offsets are the op's corners,
 and its kernels sum and scatter exactly the rows they are given; its thread scaling
-is timed in pairs."""
+is timed in pairs, and the PyTorch reference in segments alternating with the op's."""
+import re
 import time
 
 import numpy as np
@@ -137,3 +138,37 @@ def test_paired_ratio_is_the_ratio_of_two_calls_in_the_same_rounds():
     calls.clear()
     paired_ratio(slow, fast, 3, min_time=0.05)
     assert len(calls) >= 2 * 8 and calls == ["a", "b"] * (len(calls) // 2)
+
+
+def test_interleaved_times_alternates_segments_and_keeps_warm_ups_out():
+    from cydeform.bench.cpu import interleaved_times
+
+    log = []
+
+    def ours():  # 2 ms a call; the first call of each segment (its warm-up) 20 ms
+        cold = not log or log[-1] == "ref"
+        log.append("ours")
+        time.sleep(0.02 if cold else 0.002)
+
+    def ref_round():  # 8 ms and 4 ms; the first round of a segment 40 ms
+        cold = not log or log[-1] == "ours"
+        log.append("ref")
+        time.sleep(0.04 if cold else 0.008)
+        return (0.04, 0.02) if cold else (0.008, 0.004)
+
+    # One timed call and one timed round a segment: a warm-up counted in would move
+    # either median to halfway between cold and warm.
+    (t_ours,), (f, b) = interleaved_times((ours,), ref_round, repeat=3, segments=3, min_ours=0, min_ref=0)
+    assert 0.0015 < t_ours < 0.008  # no warm-up call among the timed ones
+    assert (f, b) == (0.008, 0.004)  # a round under cheap_round: its segment's first is a warm-up
+    # ref's untimed first round, then three segments: ours (warm-up + 1 timed), then ref
+    # (warm-up + 1 timed round).
+    assert re.fullmatch(r"r(oorr){3}", "".join(x[0] for x in log)), log
+
+
+def test_interleaved_times_keeps_an_expensive_reference_round():
+    from cydeform.bench.cpu import interleaved_times
+
+    (t,), (f,) = interleaved_times((lambda: None,), lambda: (5.0,), repeat=3, segments=3, min_ours=0,
+                                   min_ref=0, cheap_round=0)
+    assert f == 5.0  # with cheap_round 0 every round counts, the first of a segment too

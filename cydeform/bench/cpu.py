@@ -165,8 +165,16 @@ def run_cpu(args):
 
                 for threads in args.threads:
                     cydeform.set_num_threads(threads)
-                    t_f = median_time(op_forward, args.repeat, 0.5)
-                    t_b = median_time(op_backward, args.repeat, 0.5)
+                    tt_f = tt_b = None
+                    if ref is None:
+                        t_f = median_time(op_forward, args.repeat, 0.5)
+                        t_b = median_time(op_backward, args.repeat, 0.5)
+                    else:
+                        # cydeform's and PyTorch's medians from the same minutes (interleaved_times).
+                        calls = _torch_calls(ref, threads, value, shapes, loc, attn, grad)
+                        (t_f, t_b), (tt_f, tt_b) = interleaved_times(
+                            (op_forward, op_backward), lambda: torch_round(calls), args.repeat)
+                        tt_b = max(tt_b, 1e-9)
                     # Scaling: 1 thread and this many timed in the same rounds.
                     s_f = paired_speedup(op_forward, threads, args.repeat) if threads > 1 else None
                     s_b = paired_speedup(op_backward, threads, args.repeat) if threads > 1 else None
@@ -191,9 +199,6 @@ def run_cpu(args):
                         if threads > 1:
                             sf_f = paired_speedup(floor_forward, threads, args.repeat)
                             sf_b = paired_speedup(floor_backward, threads, args.repeat)
-                    tt_f = tt_b = None
-                    if ref is not None:
-                        tt_f, tt_b = _time_torch(ref, threads, value, shapes, loc, attn, grad, args.repeat)
                     for name, t, tt, fl, x, sp, sfl, bwd in (
                             ("forward", t_f, tt_f, fl_f, x_f, s_f, sf_f, False),
                             ("backward", t_b, tt_b, fl_b, x_b, s_b, sf_b, True)):
@@ -219,7 +224,10 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat, min_time=1.0):
+def _torch_calls(ref, threads, value, shapes, loc, attn, grad):
+    """PyTorch's (forward, backward, forward_graph) for one row: forward without a graph,
+    forward + autograd backward, and forward with graph recording (the backward pass
+    alone is the second's time minus the third's, see torch_round)."""
     torch, fwd = ref
     torch.set_num_threads(threads)
     v = torch.from_numpy(value).requires_grad_(True)
@@ -239,6 +247,22 @@ def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat, min_time=1
     def forward_graph():
         fwd(v, shp, lo, a)
 
+    return forward, backward, forward_graph
+
+
+def torch_round(calls):
+    """One round of _torch_calls' three, back to back: (forward s, backward-pass-alone s)."""
+    times = []
+    for fn in calls:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1] - times[2]
+
+
+def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat, min_time=1.0):
+    """Medians of PyTorch's forward and backward pass alone, timed on their own."""
+    forward, backward, forward_graph = _torch_calls(ref, threads, value, shapes, loc, attn, grad)
     # The backward pass alone: autograd's time minus a forward with graph recording,
     # paired within a round (the three run back to back) so that the machine's drift
     # between rounds cancels; medians over the rounds. At least max(3, repeat // 3)
@@ -250,14 +274,54 @@ def _time_torch(ref, threads, value, shapes, loc, attn, grad, repeat, min_time=1
     t_f, t_b = [], []
     start = time.perf_counter()
     while len(t_f) < max(3, repeat // 3) or time.perf_counter() - start < min_time:
-        times = []
-        for fn in (forward, backward, forward_graph):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        t_f.append(times[0])
-        t_b.append(times[1] - times[2])
+        f, b = torch_round((forward, backward, forward_graph))
+        t_f.append(f)
+        t_b.append(b)
     return statistics.median(t_f), max(statistics.median(t_b), 1e-9)
+
+
+def interleaved_times(ours, round_fn, repeat, segments=3, min_ours=0.2, min_ref=0.3, cheap_round=1.0):
+    """Medians of cydeform's calls and of the reference's rounds, timed in alternating
+    segments (ours, reference, ours, ...), so that both sample the same minutes of a VM
+    whose speed drifts (two separately timed medians a minute apart moved the speed-up
+    column by up to 1.6x, 2026-12-07) while each stays warm (cpu_log 43: timed call by
+    call in alternation, each runs cold after the other).
+
+    ``ours``: callables, each a call of cydeform timed alone; ``round_fn()``: one round of
+    the reference, returning a tuple of times (torch_round), first run once untimed (its
+    first calls at this thread count). In each segment each of
+    ours gets an untimed warm-up call (the reference has just swept the caches), then at
+    least ceil(repeat / segments) timed calls and ``min_ours`` seconds of them; then the
+    reference gets a warm-up round where a round takes less than ``cheap_round`` seconds
+    (the encoder's ~10 s rounds lose nothing measurable to a cold start, and a warm-up
+    would double the benchmark's time), then timed rounds for at least ``min_ref``
+    seconds (at least one). Returns (ours' medians, the reference's medians), each a
+    list in order."""
+    per = -(-repeat // segments)
+    ours_t = [[] for _ in ours]
+    ref_t = []
+    round_fn()
+    for _ in range(segments):
+        for fn, acc in zip(ours, ours_t):
+            fn()
+            start = time.perf_counter()
+            n = 0
+            while n < per or time.perf_counter() - start < min_ours:
+                t0 = time.perf_counter()
+                fn()
+                acc.append(time.perf_counter() - t0)
+                n += 1
+        timed = []
+        start = time.perf_counter()
+        first = round_fn()
+        if time.perf_counter() - start >= cheap_round:
+            timed.append(first)
+        start = time.perf_counter()
+        while not timed or time.perf_counter() - start < min_ref:
+            timed.append(round_fn())
+        ref_t += timed
+    ref_medians = [statistics.median(col) for col in zip(*ref_t)]
+    return [statistics.median(acc) for acc in ours_t], ref_medians
 
 
 def main(argv=None):
