@@ -169,6 +169,16 @@ def test_interleaved_times_alternates_segments_and_keeps_warm_ups_out():
 def test_interleaved_times_keeps_an_expensive_reference_round():
     from cydeform.bench.cpu import interleaved_times
 
-    (t,), (f,) = interleaved_times((lambda: None,), lambda: (5.0,), repeat=3, segments=3, min_ours=0,
-                                   min_ref=0, cheap_round=0)
-    assert f == 5.0  # with cheap_round 0 every round counts, the first of a segment too
+    rounds = []
+
+    def ref_round():  # 30 ms a round: "expensive" against cheap_round = 10 ms
+        rounds.append(len(rounds))
+        time.sleep(0.03)
+        return (100.0 if len(rounds) == 1 else 5.0,)  # the untimed first round stands out
+
+    # One segment: counting the untimed first round would make the median 52.5.
+    (t,), (f,) = interleaved_times((lambda: None,), ref_round, repeat=3, segments=1, min_ours=0,
+                                   min_ref=0.01, cheap_round=0.01)
+    assert f == 5.0  # the call's first round is never timed
+    # The segment's first round is kept, and it already covers min_ref: one round.
+    assert len(rounds) == 1 + 1

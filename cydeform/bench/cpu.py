@@ -315,8 +315,9 @@ def interleaved_times(ours, round_fn, repeat, segments=3, min_ours=0.2, min_ref=
         start = time.perf_counter()
         first = round_fn()
         if time.perf_counter() - start >= cheap_round:
-            timed.append(first)
-        start = time.perf_counter()
+            timed.append(first)  # and it counts towards min_ref
+        else:
+            start = time.perf_counter()
         while not timed or time.perf_counter() - start < min_ref:
             timed.append(round_fn())
         ref_t += timed

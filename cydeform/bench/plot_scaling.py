@@ -7,8 +7,9 @@ queries at each Lq are an evenly strided subset of the encoder's, so the locatio
 distribution is the same along the curve), and, when
 PyTorch is importable, Deformable DETR's grid_sample reference at the same thread
 count; draws time against Lq on log-log axes with a line proportional to Lq for
-comparison, and prints the numbers as a Markdown table. Timing is that of
-``python -m cydeform.bench`` (``cpu.median_time``, ``cpu._time_torch``). Needs
+comparison, and prints the numbers as a Markdown table. Timing: ``cpu.median_time`` and
+``cpu._time_torch``, each library on its own (``python -m cydeform.bench``'s table times
+the two in alternating segments instead, ``cpu.interleaved_times``). Needs
 matplotlib (``pip install 'cydeform[plot]'``); PyTorch is optional.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def measure(lqs, *, dtype="float32", threads=None, distribution="local", repeat=
     (and "torch" when ``torch_ref`` is given, as returned by ``cpu.torch_reference()``).
 
     cydeform: median of >= ``repeat`` runs and >= 0.2 s (short calls get more runs, which
-    steadies them on a shared machine); torch: ``cpu._time_torch`` as in the table.
+    steadies them on a shared machine); torch: ``cpu._time_torch`` (at least 1 s of rounds).
     """
     threads = cydeform.get_num_threads() if threads is None else threads
     cydeform.set_num_threads(threads)
