@@ -92,18 +92,18 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Gradients on validated C-contiguous arrays; grad_value is never a staging buffer."""
-    if _by_head(value, sampling_locations):  # never a call the sparse method takes
-        return _impl.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, work=_work(value))
     _, S, _, _ = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    if _impl.by_head(S, Lq, L, P):  # never a call the sparse method takes
+        return _impl.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, work=_work(value))
     if _impl.sparse_applies(S, Lq, L, P):
         # The sparse method reads value once, in address order: a staging copy (which
         # _stage did pick for some such calls, D itemsize <= 64 with huge pages) costs a
         # pass over value and one over grad_value more (1.17-1.26x slower on one such
         # shape), and deciding costs ~0.05 ms of a ~4 ms decoder call (cpu_log 63).
         return _impl.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights)
+                              attention_weights, method="sparse")
     staged, huge = _stage(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if not huge:
         return _impl.backward(grad_output, value if staged is None else staged, spatial_shapes,
