@@ -21,9 +21,12 @@ def _native_byte_order(a):
 
 
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    xp = _validate.array_module(
-        ("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)
-    )
+    if type(value) is np.ndarray and type(sampling_locations) is np.ndarray and type(attention_weights) is np.ndarray:
+        xp = np  # the common case, without array_module's general checks
+    else:
+        xp = _validate.array_module(
+            ("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)
+        )
     if xp is np:
         # Array-likes and non-native byte order are accepted on the CPU (converted, never
         # modified in place).
@@ -106,7 +109,8 @@ def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_inde
             grad_output = np.asarray(grad_output)
         grad_output = _native_byte_order(grad_output)
     # Same array module and device as the other floating inputs, or a named error.
-    _validate.array_module(("grad_output", grad_output), ("value", value))
+    if not (xp is np and type(grad_output) is np.ndarray):
+        _validate.array_module(("grad_output", grad_output), ("value", value))
     _validate.check_grad_output(grad_output, prob)
     if xp is np:
         from . import _cpu

@@ -142,6 +142,25 @@ def test_grad_output_must_live_where_the_inputs_live():
         call_backward(FakeCupyArray(np.zeros((N, Lq, M * D))))
 
 
+def test_memoised_validation_still_sees_changed_level_geometry():
+    # check_problem remembers valid problems by shapes, dtypes and the level geometry's
+    # bytes: a pyramid changed in place, or one with other offsets, must still be refused.
+    kw = good()
+    assert call(**dict(kw, level_start_index=None)).shape == (N, Lq, M * D)
+    kw["spatial_shapes"][0, 0] = 3  # S would be 9 + 2
+    with pytest.raises(ValueError, match=r"value has S = 8 positions .* sum\(H_l \* W_l\) = 11"):
+        call(**dict(kw, level_start_index=None))
+    kw["spatial_shapes"][0, 0] = 2
+    assert call(**kw).shape == (N, Lq, M * D)
+    kw["level_start_index"] = np.array([0, 5])
+    with pytest.raises(ValueError, match=r"level_start_index must be the offsets"):
+        call(**kw)
+    kw["level_start_index"] = np.array([0, 6])
+    with pytest.raises(TypeError, match=r"all floating inputs must share one dtype"):
+        call(**dict(kw, attention_weights=kw["attention_weights"].astype(np.float32)))
+    assert call(**kw).shape == (N, Lq, M * D)
+
+
 def test_byte_swapped_inputs_are_accepted_and_give_the_same_result():
     kw = good()
     swapped = {k: (v.astype(v.dtype.newbyteorder(">")) if v.dtype.kind == "f" else v) for k, v in kw.items()}
