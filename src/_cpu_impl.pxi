@@ -16,6 +16,11 @@
 #   its chunk's grad_value buffer and walks the queries in order, so every element is
 #   summed in the same order for any thread count (bit-identical results), and no two
 #   threads write one element. The chunk buffers are added in chunk order at the end.
+# Tasks are handed out as threads come free (schedule "dynamic", a few small tasks a
+# claim: _DYNAMIC_ROWS, _DYNAMIC_TASKS) rather than split in equal shares up front: on the 2-vCPU
+# VMs one thread of two often ran 1.5x slower than the other for whole calls (30 against
+# 50 ms of the encoder forward, same work), and equal shares made every call wait for
+# it (benchmarks/cpu_log.md, 70). Which thread runs a task never changes its bits.
 
 import numpy as np
 
@@ -215,6 +220,9 @@ cdef enum:
     _BY_HEAD_SAMPLES = 3  # _by_head's threshold, samples per value position and head (cpu_log 16)
     _LAYOUT_BLOCK = 64  # positions per task of the layout copies
     _QUERY_BLOCK = 32  # queries per task of the head-major forward
+    _DYNAMIC_ROWS = 16  # rows a claim of the row-by-row forward (the decoder call's)
+    _DYNAMIC_TASKS = 8  # tasks a claim of the head-major forward and the layout copies
+    _DYNAMIC_ELEMENTS = 1 << 14  # elements a claim of the chunk buffers' sum
 
 
 cdef inline void _accumulate(floating* out, const floating** ptr, const floating* w, Py_ssize_t npts,
@@ -279,7 +287,8 @@ cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* 
                    Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq,
                    Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     cdef Py_ssize_t r, n, m
-    for r in prange(N * Lq * M, schedule="static", num_threads=_threads(N * Lq * M * L * P * D)):
+    for r in prange(N * Lq * M, schedule="dynamic", chunksize=_DYNAMIC_ROWS,
+                    num_threads=_threads(N * Lq * M * L * P * D)):
         n = r // (Lq * M)
         m = r % M
         _forward_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D,
@@ -334,7 +343,7 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
     cdef floating* b_loc
     cdef floating* b_attn
     cdef floating* b_out
-    for t in prange(N * M * blocks, schedule="static", num_threads=threads):
+    for t in prange(N * M * blocks, schedule="dynamic", chunksize=_DYNAMIC_TASKS, num_threads=threads):
         n = t // (M * blocks)
         m = (t // blocks) % M
         q_lo = (t % blocks) * _QUERY_BLOCK
@@ -346,7 +355,7 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
         _rows_in(b_loc, loc, 2 * LP, r0, M, q_hi - q_lo)
         _rows_in(b_attn, attn, LP, r0, M, q_hi - q_lo)
         if t + 1 < N * M * blocks:
-            # The next task's rows (this thread's next one under the static schedule).
+            # The next task's rows: this thread's next one but at the end of a claim.
             q1 = ((t + 1) % blocks) * _QUERY_BLOCK
             r1 = ((t + 1) // (M * blocks) * Lq + q1) * M + ((t + 1) // blocks) % M
             nb = min(Lq, q1 + _QUERY_BLOCK) - q1
@@ -405,7 +414,7 @@ cdef void _to_heads(const floating* src, floating* dst, Py_ssize_t N, Py_ssize_t
     cdef Py_ssize_t blocks = (S + _LAYOUT_BLOCK - 1) // _LAYOUT_BLOCK
     cdef const floating* a
     cdef floating* o
-    for b in prange(N * blocks, schedule="static", num_threads=threads):
+    for b in prange(N * blocks, schedule="dynamic", chunksize=_DYNAMIC_TASKS, num_threads=threads):
         n = b // blocks
         s_lo = (b % blocks) * _LAYOUT_BLOCK
         s_hi = min(S, s_lo + _LAYOUT_BLOCK)
@@ -427,7 +436,7 @@ cdef void _from_heads(const floating* chunks, Py_ssize_t K, floating* dst, Py_ss
     cdef const floating* a
     cdef floating* o
     cdef floating acc
-    for b in prange(N * blocks, schedule="static", num_threads=threads):
+    for b in prange(N * blocks, schedule="dynamic", chunksize=_DYNAMIC_TASKS, num_threads=threads):
         n = b // blocks
         s_lo = (b % blocks) * _LAYOUT_BLOCK
         s_hi = min(S, s_lo + _LAYOUT_BLOCK)
@@ -723,9 +732,10 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
     # element is summed by one task over q ascending (then l, p, corner): the same order
     # for any grouping of heads, hence any thread count, and in either layout. As few
     # head groups as keep every thread busy, and a task count that divides evenly among
-    # the threads where M allows.
-    cdef Py_ssize_t groups = _head_groups(N * K, M, threads)
-    for t in prange(N * K * groups, schedule="static", num_threads=threads):
+    # the threads where M allows; in the head-major layout (heads outer in a task anyway)
+    # one head a task, so the dynamic schedule has tasks to balance.
+    cdef Py_ssize_t groups = M if by_head else _head_groups(N * K, M, threads)
+    for t in prange(N * K * groups, schedule="dynamic", chunksize=1, num_threads=threads):
         n = t // (K * groups)
         c = (t // groups) % K
         m_lo = (t % groups) * M // groups
@@ -751,7 +761,7 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
         _from_heads(extra, K, grad_value, N, S, M, D, threads)
     elif K > 1:
         # grad_value = chunk 0 + chunk 1 + ... in this order, element by element.
-        for i in prange(size, schedule="static", num_threads=threads):
+        for i in prange(size, schedule="dynamic", chunksize=_DYNAMIC_ELEMENTS, num_threads=threads):
             for c in range(1, K):
                 grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
 
@@ -1181,7 +1191,9 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
             _sparse_sum_blocks(claimed, B, grad_out, value, grad_value,
                                block_bufs + t * (D << shift), block_first, placed, dots, NB, D, M, shift)
         cyd_barrier()
-        # 4. Rows in parallel: the location and weight gradients.
+        # 4. Rows in parallel, each thread its own rows of phases 1 and 2 (their keys and
+        #    geometry in its caches): the location and weight gradients. (Handed out as
+        #    threads come free: no faster, cpu_log 71.)
         for r in prange(R, schedule="static"):
             _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
                               keys + (r + 1) * LP * 4 if r + 1 < R else NULL, dots, geo + r * LP * 2,
@@ -1336,9 +1348,11 @@ cdef inline void _floor_row(const floating* value, const int64_t* rows, Py_ssize
 cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t N, Py_ssize_t Lq,
                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, const floating* zeros, const floating* ones,
                          floating* out, bint heads) noexcept nogil:
-    """Rows in the order given: the op forward's (n, q, m), or with ``heads`` (n, m, q)."""
+    """Rows in the order given: the op forward's (n, q, m), or with ``heads`` (n, m, q);
+    handed out as the op's are (_DYNAMIC_ROWS, or _DYNAMIC_TASKS tasks of _QUERY_BLOCK rows)."""
     cdef Py_ssize_t t
-    for t in prange(N * Lq * M, schedule="static", num_threads=_threads(N * Lq * M * K * D // 4)):
+    cdef Py_ssize_t claim = _DYNAMIC_TASKS * _QUERY_BLOCK if heads else _DYNAMIC_ROWS
+    for t in prange(N * Lq * M, schedule="dynamic", chunksize=claim, num_threads=_threads(N * Lq * M * K * D // 4)):
         _floor_row(value, rows + t * K, K, D, zeros, ones, out + t * D, NULL)
 
 
@@ -1354,9 +1368,9 @@ cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t
     cdef Py_ssize_t t, n, c, m, q, r, i, m_lo, m_hi
     cdef Py_ssize_t size = N * S * M * D
     cdef int threads = _threads(N * Lq * M * K * D // 4)
-    cdef Py_ssize_t groups = _head_groups(N * QK, M, threads)
+    cdef Py_ssize_t groups = M if heads else _head_groups(N * QK, M, threads)
     cdef floating* gv
-    for t in prange(N * QK * groups, schedule="static", num_threads=threads):
+    for t in prange(N * QK * groups, schedule="dynamic", chunksize=1, num_threads=threads):
         n = t // (QK * groups)
         c = (t // groups) % QK
         m_lo = (t % groups) * M // groups
@@ -1377,7 +1391,7 @@ cdef void _floor_backward(const floating* value, const int64_t* rows, Py_ssize_t
     if heads:
         _from_heads(extra, QK, grad_value, N, S, M, D, threads)
     elif QK > 1:
-        for i in prange(size, schedule="static", num_threads=threads):
+        for i in prange(size, schedule="dynamic", chunksize=_DYNAMIC_ELEMENTS, num_threads=threads):
             for c in range(1, QK):
                 grad_value[i] = grad_value[i] + extra[(c - 1) * size + i]
 
