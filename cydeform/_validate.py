@@ -131,7 +131,7 @@ def check_problem(value, spatial_shapes, level_start_index, sampling_locations, 
     Memoised on everything the checks read (the floating inputs' shapes and dtypes, the
     level geometry's bytes, ``allowed_dtypes``), for NumPy level geometry: a model calls
     the op with the same shapes every time, and right after an op call (its caches
-    swept) the checks cost ~0.1 ms, a tenth of a decoder call (cpu_log 67).
+    swept) the checks cost ~0.1 ms, a tenth of a decoder call (cpu_log 69).
     """
     geometry = _geometry_key(spatial_shapes, level_start_index)
     key = None

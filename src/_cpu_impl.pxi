@@ -355,7 +355,8 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
         _rows_in(b_loc, loc, 2 * LP, r0, M, q_hi - q_lo)
         _rows_in(b_attn, attn, LP, r0, M, q_hi - q_lo)
         if t + 1 < N * M * blocks:
-            # The next task's rows: this thread's next one but at the end of a claim.
+            # The next task's rows: this thread's next one, but at the end of a claim
+            # (every _DYNAMIC_TASKS) maybe another thread's: a hint either way.
             q1 = ((t + 1) % blocks) * _QUERY_BLOCK
             r1 = ((t + 1) // (M * blocks) * Lq + q1) * M + ((t + 1) // blocks) % M
             nb = min(Lq, q1 + _QUERY_BLOCK) - q1
@@ -666,8 +667,10 @@ cdef inline Py_ssize_t _query_chunks(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, 
 
 
 cdef inline Py_ssize_t _head_groups(Py_ssize_t chunks, Py_ssize_t M, int threads) noexcept nogil:
-    """Head groups per (image, query chunk): as few as keep every thread busy, and a task
-    count (chunks x groups) that divides evenly among the threads where M allows."""
+    """Head groups per (image, query chunk) of the position-major backward: as few as keep
+    every thread busy (longer contiguous runs of per-row inputs), and a task count
+    (chunks x groups) that is a multiple of the thread count where M allows (from when
+    tasks were split in equal shares; harmless handed out one at a time)."""
     cdef Py_ssize_t groups = min(M, max(1, (threads + chunks - 1) // chunks))
     while (chunks * groups) % threads != 0 and groups < M:
         groups += 1
@@ -730,10 +733,9 @@ cdef void _backward(const floating* grad_out, const floating* value, const int64
     # buffer_c[n, :, m_lo:m_hi, :] and walks its queries in order, heads inner (by_head:
     # heads outer), so its reads of the per-row inputs are contiguous runs. Each buffer
     # element is summed by one task over q ascending (then l, p, corner): the same order
-    # for any grouping of heads, hence any thread count, and in either layout. As few
-    # head groups as keep every thread busy, and a task count that divides evenly among
-    # the threads where M allows; in the head-major layout (heads outer in a task anyway)
-    # one head a task, so the dynamic schedule has tasks to balance.
+    # for any grouping of heads, hence any thread count, and in either layout. Position-
+    # major: _head_groups; head-major (heads outer in a task anyway): one head a task, so
+    # that handing tasks out as threads come free has tasks to balance.
     cdef Py_ssize_t groups = M if by_head else _head_groups(N * K, M, threads)
     for t in prange(N * K * groups, schedule="dynamic", chunksize=1, num_threads=threads):
         n = t // (K * groups)
@@ -1349,7 +1351,9 @@ cdef void _floor_forward(const floating* value, const int64_t* rows, Py_ssize_t 
                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t D, const floating* zeros, const floating* ones,
                          floating* out, bint heads) noexcept nogil:
     """Rows in the order given: the op forward's (n, q, m), or with ``heads`` (n, m, q);
-    handed out as the op's are (_DYNAMIC_ROWS, or _DYNAMIC_TASKS tasks of _QUERY_BLOCK rows)."""
+    handed out dynamically like the op's: _DYNAMIC_ROWS a claim, or with ``heads``
+    _DYNAMIC_TASKS x _QUERY_BLOCK rows (the op claims _DYNAMIC_TASKS tasks of up to
+    _QUERY_BLOCK queries, a head's last one partial, so the claims' edges differ)."""
     cdef Py_ssize_t t
     cdef Py_ssize_t claim = _DYNAMIC_TASKS * _QUERY_BLOCK if heads else _DYNAMIC_ROWS
     for t in prange(N * Lq * M, schedule="dynamic", chunksize=claim, num_threads=_threads(N * Lq * M * K * D // 4)):
