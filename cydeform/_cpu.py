@@ -58,10 +58,9 @@ def _stage(value, spatial_shapes, level_start_index, sampling_locations, attenti
             staged = _staging.staged_copy(value, huge=True)
             if staged is not None:
                 return staged, True
-    # The address only where the gathers could pay for aligning (value.ctypes costs ~40 us
-    # right after an op call; the decoder call never aligns).
-    if 8 * gathers >= value.nbytes and _staging.worth_aligning(value.ctypes.data, value.shape[-1] * value.itemsize,
-                                                               value.nbytes, gathers):
+    # The address only where the gathers could pay (never for the decoder call).
+    if (_staging.gathers_could_pay_for_aligning(value.nbytes, gathers)
+            and _staging.worth_aligning(value.ctypes.data, value.shape[-1] * value.itemsize, value.nbytes, gathers)):
         # Only the alignment pays: the buffer with huge pages where they are enabled
         # (they do not hurt), else (or if the kernel gave none) a plain one.
         staged = _staging.staged_copy(value, huge=True) if huge else None

@@ -124,7 +124,13 @@ def worth_aligning(value_address, row_bytes, value_nbytes, corner_gathers):
     encoder call: 11.4 M gathers into 22.7 MB; not the decoder call: 154 k).
     """
     misaligned = value_address % 64 != 0 and row_bytes >= 32
-    return misaligned and 8 * corner_gathers >= value_nbytes
+    return misaligned and gathers_could_pay_for_aligning(value_nbytes, corner_gathers)
+
+
+def gathers_could_pay_for_aligning(value_nbytes, corner_gathers):
+    """worth_aligning's test of the gathers alone, which needs no address (reading an
+    array's address costs ~50 us right after an op call has swept the caches)."""
+    return 8 * corner_gathers >= value_nbytes
 
 
 def worth_staging(value_nbytes, corner_gathers, spread, *, min_value_bytes=MIN_VALUE_BYTES):

@@ -198,27 +198,6 @@ def _check_problem(value, spatial_shapes, level_start_index, sampling_locations,
     return Problem(N, S, M, D, Lq, L, P, dt, shapes, starts)
 
 
-def _level_geometry(spatial_shapes, level_start_index):
-    """Checked (spatial_shapes, level_start_index) as read-only host int64 arrays.
-
-    Memoised on the NumPy inputs' bytes: a decoder calls the op with the same pyramid
-    every time, and this keeps the per-call host cost of validation low.
-    """
-    key = _geometry_key(spatial_shapes, level_start_index)
-    if key is not None:
-        cached = _LEVEL_CACHE.get(key)
-        if cached is None:
-            cached = _compute_level_geometry(spatial_shapes, level_start_index)
-            if len(_LEVEL_CACHE) >= 64:
-                _LEVEL_CACHE.clear()
-            _LEVEL_CACHE[key] = cached
-        return cached
-    return _compute_level_geometry(spatial_shapes, level_start_index)
-
-
-_LEVEL_CACHE: dict = {}
-
-
 def _geometry_key(spatial_shapes, level_start_index):
     """A key for the values of NumPy level geometry (dtype, shape, bytes), else None."""
     if isinstance(spatial_shapes, np.ndarray) and (level_start_index is None
@@ -229,7 +208,8 @@ def _geometry_key(spatial_shapes, level_start_index):
     return None
 
 
-def _compute_level_geometry(spatial_shapes, level_start_index):
+def _level_geometry(spatial_shapes, level_start_index):
+    """Checked (spatial_shapes, level_start_index) as read-only host int64 arrays."""
     shapes = _host_int_array("spatial_shapes", spatial_shapes, 2, "(L, 2)")
     if shapes.shape[1] != 2 or shapes.shape[0] < 1:
         raise ValueError(f"spatial_shapes must have shape (L, 2) with L >= 1, rows (H_l, W_l); got shape {shapes.shape}")
