@@ -182,3 +182,40 @@ def test_interleaved_times_keeps_an_expensive_reference_round():
     assert f == 5.0  # the call's first round is never timed
     # The segment's first round is kept, and it already covers min_ref: one round.
     assert len(rounds) == 1 + 1
+
+
+def _row(call, pas, threads=1, dtype="float32", ratio=None, x_floor=None, speedup=None, floor_speedup=None):
+    return {"call": call, "locations": "uniform", "dtype": dtype, "threads": threads, "pass": pas,
+            "ratio": ratio, "x_floor": x_floor, "speedup": speedup, "floor_speedup": floor_speedup}
+
+
+def test_targets_summary_counts_misses_at_the_thresholds():
+    from cydeform.bench.cpu import FLOOR_TARGET, SCALING_TARGET, TORCH_TARGETS, check_targets
+
+    least = dict(((call, pas), v) for call, pas, v in TORCH_TARGETS)
+    enc_f = least[("encoder", "forward")]
+    rows = [
+        # At the threshold counts as met; just under it as missed.
+        _row("encoder", "forward", 1, ratio=enc_f, x_floor=FLOOR_TARGET),
+        _row("encoder", "forward", 2, ratio=enc_f * 0.99, x_floor=FLOOR_TARGET * 1.01,
+             speedup=SCALING_TARGET * 0.99, floor_speedup=SCALING_TARGET),
+        _row("encoder", "backward", 2, ratio=least[("encoder", "backward")], speedup=SCALING_TARGET),
+        # float64 rows are not what the targets are stated for.
+        _row("encoder", "forward", 1, dtype="float64", ratio=1.0, x_floor=10.0),
+    ]
+    lines = check_targets(rows)
+    forward, backward, decoder, floor_line, scaling, floor_scaling = lines
+    assert forward.startswith(f"- encoder forward >= {enc_f:g}x PyTorch: 1 of 2 rows")
+    assert "missed: uniform 2T" in forward
+    assert backward.startswith("- encoder backward") and "1 of 1 rows" in backward and "missed" not in backward
+    assert decoder.endswith("not measured in this run")
+    assert "1 of 2 rows" in floor_line and "missed: encoder forward uniform 2T" in floor_line
+    assert "1 of 2 rows" in scaling and "missed: encoder forward uniform 2T" in scaling
+    assert "in 1 of 1" in floor_scaling
+
+
+def test_targets_summary_without_reference_floor_or_second_thread():
+    from cydeform.bench.cpu import check_targets
+
+    lines = check_targets([_row("decoder", "backward", 1), _row("decoder", "forward", 1)])
+    assert len(lines) == 5 and all(line.endswith("not measured in this run") for line in lines)

@@ -16,6 +16,9 @@ than one thread show the speed-up over 1 thread as the median of ratios of the t
 timed back to back (``paired_speedup``), not as a ratio of two medians taken a
 minute apart, and beside it the floor's own speed-up measured the same way: how much
 a second thread can give on this machine (shared caches and memory bandwidth).
+After the table, each of issue 13's targets (``TORCH_TARGETS``, ``FLOOR_TARGET``,
+``SCALING_TARGET``) with how many of this run's float32 rows meet it, their range and
+the rows that miss it (``check_targets``).
 """
 from __future__ import annotations
 
@@ -121,6 +124,53 @@ def torch_reference():
     return torch, forward
 
 
+# Issue 13's targets, checked on every run's rows (float32 rows only): a speed goal lives
+# here, in the benchmark, never in a timed test. (call, pass, least ratio to PyTorch.)
+TORCH_TARGETS = (("encoder", "forward", 25.0), ("encoder", "backward", 12.0), ("decoder", "backward", 10.0))
+FLOOR_TARGET = 2.0  # each row within this multiple of its measured floor
+SCALING_TARGET = 1.8  # a 2-thread row, its speed-up over 1 thread
+
+
+def check_targets(rows):
+    """Lines saying, per target, how many of this run's rows meet it, with the values.
+
+    ``rows``: dicts with keys call, locations, dtype, threads, pass, ratio (to PyTorch, or
+    None), x_floor (or None), speedup (over 1 thread, or None) and floor_speedup (or None).
+    Only float32 rows count (the targets are stated for float32). A target no row
+    measured (no PyTorch, --no-floor, no 2-thread row) is said to be not measured.
+    """
+    rows = [r for r in rows if r["dtype"] == "float32"]
+
+    def line(name, cells, ok):
+        if not cells:
+            return f"- {name}: not measured in this run"
+        values = [v for _, v in cells]
+        missed = [f"{where} {v:.2f}" for where, v in cells if not ok(v)]
+        return (f"- {name}: {len(cells) - len(missed)} of {len(cells)} rows ({min(values):.2f}-{max(values):.2f}"
+                + (f"; missed: {', '.join(missed)})" if missed else ")"))
+
+    def label(r):
+        return f"{r['locations']} {r['threads']}T"
+
+    lines = []
+    for call, pas, least in TORCH_TARGETS:
+        cells = [(label(r), r["ratio"]) for r in rows
+                 if r["call"] == call and r["pass"] == pas and r["ratio"] is not None]
+        lines.append(line(f"{call} {pas} >= {least:g}x PyTorch", cells, lambda v, least=least: v >= least))
+    cells = [(f"{r['call']} {r['pass']} {label(r)}", r["x_floor"]) for r in rows if r["x_floor"] is not None]
+    lines.append(line(f"within {FLOOR_TARGET:g}x of the floor", cells, lambda v: v <= FLOOR_TARGET))
+    two = [r for r in rows if r["threads"] == 2]
+    cells = [(f"{r['call']} {r['pass']} {label(r)}", r["speedup"]) for r in two if r["speedup"] is not None]
+    lines.append(line(f"2 threads >= {SCALING_TARGET:g}x 1 thread", cells, lambda v: v >= SCALING_TARGET))
+    floor_cells = [(f"{r['call']} {r['pass']} {label(r)}", r["floor_speedup"]) for r in two
+                   if r["floor_speedup"] is not None]
+    if floor_cells:
+        met = sum(v >= SCALING_TARGET for _, v in floor_cells)
+        lines.append(f"  (the floor's own speed-up reached {SCALING_TARGET:g}x in {met} of {len(floor_cells)}: "
+                     "what a second thread can give on this machine)")
+    return lines
+
+
 def run_cpu(args):
     from .. import _cpu
 
@@ -137,6 +187,7 @@ def run_cpu(args):
               + ("" if args.no_floor else "floor ms | x floor | ") + "torch ms | speed-up |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    results = []
     for call, Lq in (("encoder", None), ("decoder", 300)):
         for dist in args.distributions:
             for dtype in args.dtype:
@@ -211,6 +262,12 @@ def run_cpu(args):
                         floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {x:.2f} | "
                         print(f"| {call} | {dist} | {dtype} | {threads} | {name} | {t * 1e3:.2f}{extra} | {gbs:.1f} "
                               f"| {floor_cols}{torch_ms} | {ratio} |", flush=True)
+                        results.append({"call": call, "locations": dist, "dtype": dtype, "threads": threads,
+                                        "pass": name, "ratio": tt / t if tt else None, "x_floor": x,
+                                        "speedup": sp, "floor_speedup": sfl})
+    print("\nTargets (issue 13), this run:")
+    for text in check_targets(results):
+        print(text)
 
 
 def _cpu_model():
