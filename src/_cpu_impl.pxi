@@ -671,6 +671,8 @@ cdef inline Py_ssize_t _head_groups(Py_ssize_t chunks, Py_ssize_t M, int threads
     every thread busy (longer contiguous runs of per-row inputs), and a task count
     (chunks x groups) that is a multiple of the thread count where M allows (from when
     tasks were split in equal shares; harmless handed out one at a time)."""
+    if chunks < 1:  # N = 0: no tasks (and no division by zero)
+        return 1
     cdef Py_ssize_t groups = min(M, max(1, (threads + chunks - 1) // chunks))
     while (chunks * groups) % threads != 0 and groups < M:
         groups += 1
@@ -826,7 +828,7 @@ def slot_dtype():
 cdef inline int _sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize) noexcept nogil:
     """log2 of the grad_value rows per block: the largest power of 2 within _SPARSE_BLOCK_BYTES."""
     cdef int shift = 0
-    while (2 << shift) * D * itemsize <= _SPARSE_BLOCK_BYTES:
+    while shift < 30 and (2 << shift) * D * itemsize <= _SPARSE_BLOCK_BYTES:  # D = 0 would never end
         shift += 1
     return shift
 
@@ -1089,6 +1091,7 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     cdef const floating* g
     cdef const char* ahead
     cdef const char* ahead_end
+    cdef double w1
     blk = cyd_claim(claimed)
     while blk < B:
         nxt = cyd_claim(claimed)
@@ -1131,11 +1134,12 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
             # A pair's second rows are k + M; a single slot's may lie past the block.
             v1 = v + M * D if rk & 1 else v
             out1 = out + M * D if rk & 1 else out
+            # A single slot's w1 was never written (phase 2): not read.
+            w1 = placed[pos].w1 if rk & 1 else 0
             if floating is float:
-                cyd_record_f(g, v, v1, out, out1, <float>placed[pos].w0, <float>placed[pos].w1, rk & 1, D,
-                             dots + 2 * pos)
+                cyd_record_f(g, v, v1, out, out1, <float>placed[pos].w0, <float>w1, rk & 1, D, dots + 2 * pos)
             else:
-                cyd_record_d(g, v, v1, out, out1, placed[pos].w0, placed[pos].w1, rk & 1, D, dots + 2 * pos)
+                cyd_record_d(g, v, v1, out, out1, placed[pos].w0, w1, rk & 1, D, dots + 2 * pos)
         cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
         blk = nxt
 
@@ -1502,11 +1506,24 @@ cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, 
 # from XLA's own threads, without the GIL). They run the same _forward/_backward as the
 # Python functions above, with the same scratch buffers, so results are bit-identical
 # to the NumPy path; the caller owns the input and output buffers (C-contiguous, sizes
-# N, S, M, D, Lq, L, P as in the module comment). They return 0, or 1 if a scratch
-# allocation failed. grad_value need not be zeroed by the caller.
+# N, S, M, D, Lq, L, P as in the module comment). They return 0, 1 if a scratch
+# allocation failed, or 2 for sizes the Python functions reject too (_bad_sizes). N = 0,
+# an empty batch (a jax.vmap over none), is nothing to read or write. grad_value need
+# not be zeroed by the caller.
+cdef inline bint _bad_sizes(int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,
+                            int64_t P) noexcept nogil:
+    """S, M, D, Lq, L or P below 1, or N below 0: the loops below would divide by zero
+    (N K = 0 head groups) or never end (D = 0 in _sparse_block_shift)."""
+    return N < 0 or S < 1 or M < 1 or D < 1 or Lq < 1 or L < 1 or P < 1
+
+
 cdef int _c_forward(const floating* value, const int64_t* shapes, const int64_t* starts,
                     const floating* loc, const floating* attn, floating* out, int64_t N, int64_t S,
                     int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    if _bad_sizes(N, S, M, D, Lq, L, P):
+        return 2
+    if N == 0:
+        return 0
     cdef bint heads = _by_head(S, Lq, L, P)
     cdef int threads = _threads(N * Lq * M * L * P * D)
     cdef Py_ssize_t size = N * S * M * D
@@ -1536,6 +1553,10 @@ cdef int _c_backward(const floating* grad_out, const floating* value, const int6
                      const int64_t* starts, const floating* loc, const floating* attn,
                      floating* grad_value, floating* grad_loc, floating* grad_attn, int64_t N, int64_t S,
                      int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) noexcept nogil:
+    if _bad_sizes(N, S, M, D, Lq, L, P):
+        return 2
+    if N == 0:
+        return 0
     if _sparse_applies(S, Lq, L, P):
         return _c_backward_sparse(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc,
                                   grad_attn, N, S, M, D, Lq, L, P)

@@ -544,3 +544,48 @@ def test_many_points_and_wide_heads_match_the_oracle(restore_threads, dtype, L, 
         for a, e in zip(cydeform.ms_deform_attn_backward(g, *args_), expected):
             assert np.array_equal(np.isnan(a), np.isnan(e))
             assert_close(np.nan_to_num(a), np.nan_to_num(e), dtype, scale=40.0)
+
+
+def test_c_entry_points_refuse_zero_sizes_and_pass_over_an_empty_batch():
+    """The C entry points (cydeform.jax's FFI target) get sizes the Python checks never
+    saw: N = 0 (an empty batch) is nothing to do, and a zero S, M, D, Lq, L or P is
+    refused with status 2, on every path (sparse, dense as given, dense head-major).
+    Before, N = 0 on the dense path divided by zero (SIGFPE) and D = 0 never ended the
+    sparse block-size loop: so the calls run in a fresh process with a time limit."""
+    import json
+    import subprocess
+    import sys
+
+    from cydeform import _cpu
+
+    script = """
+import ctypes, json, sys
+import numpy as np
+from cydeform import _cpu
+entry = _cpu._impl.c_entry_points()
+fwd = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 7)(entry["forward_f32"])
+bwd = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 7)(entry["backward_f32"])
+shapes = np.array([[2, 3]], np.int64)
+starts = np.zeros(1, np.int64)
+buf = np.full(64, np.nan, np.float32)  # every operand: nothing may be read or written
+p = ctypes.c_void_p(buf.ctypes.data)
+sp, st = ctypes.c_void_p(shapes.ctypes.data), ctypes.c_void_p(starts.ctypes.data)
+for sizes in json.loads(sys.argv[1]):
+    print(fwd(p, sp, st, p, p, p, *sizes), bwd(p, p, sp, st, p, p, p, p, p, *sizes), int(np.isnan(buf).sum()),
+          flush=True)
+"""
+    S, M, D, L = 6, 2, 4, 1
+    # Lq L P against S: sparse (<= S), dense as given (< 3 S), dense head-major (>= 3 S).
+    paths = [(2, 2), (2, 4), (6, 4)]
+    assert _cpu._impl.sparse_applies(S, 2, L, 2) and not _cpu._impl.sparse_applies(S, 2, L, 4)
+    assert not _cpu._impl.by_head(S, 2, L, 4) and _cpu._impl.by_head(S, 6, L, 4)
+    cases = [([0, S, M, D, Lq, L, P], "0 0 64") for Lq, P in paths]
+    for Lq, P in paths:
+        for i in range(1, 7):
+            sizes = [1, S, M, D, Lq, L, P]
+            sizes[i] = 0
+            cases.append((sizes, "2 2 64"))
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([c for c, _ in cases])], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stdout[-300:], done.stderr[-300:])
+    assert done.stdout.splitlines() == [want for _, want in cases]

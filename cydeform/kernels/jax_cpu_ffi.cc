@@ -99,6 +99,13 @@ ffi::Error GetSizes(const ffi::AnyBuffer& value, const ffi::AnyBuffer& loc, cons
   return ffi::Error::Success();
 }
 
+// The C entry points' status: 0 done, 1 a scratch allocation failed, 2 a size out of range.
+ffi::Error StatusError(int status) {
+  if (status == 2) return ffi::Error::InvalidArgument("cydeform: a size is zero (S, M, D, Lq, L and P must be >= 1)");
+  if (status != 0) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "cydeform: out of memory for scratch");
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardImpl(ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer attn,
                        ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> shapes,
                        ffi::Span<const int64_t> starts) {
@@ -123,8 +130,7 @@ ffi::Error ForwardImpl(ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer 
     default:
       return ffi::Error::InvalidArgument("cydeform: the CPU backend computes in float32 or float64 only");
   }
-  if (status != 0) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "cydeform: out of memory for scratch");
-  return ffi::Error::Success();
+  return StatusError(status);
 }
 
 ffi::Error BackwardImpl(ffi::AnyBuffer grad_out, ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer attn,
@@ -160,8 +166,7 @@ ffi::Error BackwardImpl(ffi::AnyBuffer grad_out, ffi::AnyBuffer value, ffi::AnyB
     default:
       return ffi::Error::InvalidArgument("cydeform: the CPU backend computes in float32 or float64 only");
   }
-  if (status != 0) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "cydeform: out of memory for scratch");
-  return ffi::Error::Success();
+  return StatusError(status);
 }
 
 }  // namespace
