@@ -20,6 +20,15 @@ def _native_byte_order(a):
     return a
 
 
+def _c_ready(a):
+    """``a`` if C-contiguous and aligned for its dtype, else such a copy: the CPU backend
+    reads the buffer through float/double pointers (np.ascontiguousarray keeps an array
+    that starts at an odd byte offset as it is)."""
+    if type(a) is np.ndarray and a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.require(a, requirements="CAE")  # E: a base-class ndarray, as ascontiguousarray gave
+
+
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     if type(value) is np.ndarray and type(sampling_locations) is np.ndarray and type(attention_weights) is np.ndarray:
         xp = np  # the common case, without array_module's general checks
@@ -73,8 +82,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if xp is np:
         from . import _cpu
 
-        return _cpu.forward(np.ascontiguousarray(value), prob.spatial_shapes, prob.level_start_index,
-                            np.ascontiguousarray(loc), np.ascontiguousarray(attn))
+        return _cpu.forward(_c_ready(value), prob.spatial_shapes, prob.level_start_index, _c_ready(loc),
+                            _c_ready(attn))
     from . import _cuda
 
     return _cuda.forward(prob, value, loc, attn)
@@ -115,9 +124,8 @@ def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_inde
     if xp is np:
         from . import _cpu
 
-        return _cpu.backward(np.ascontiguousarray(grad_output), np.ascontiguousarray(value),
-                             prob.spatial_shapes, prob.level_start_index,
-                             np.ascontiguousarray(loc), np.ascontiguousarray(attn))
+        return _cpu.backward(_c_ready(grad_output), _c_ready(value), prob.spatial_shapes,
+                             prob.level_start_index, _c_ready(loc), _c_ready(attn))
     from . import _cuda
 
     return _cuda.backward(prob, grad_output, value, loc, attn, deterministic=bool(deterministic))
