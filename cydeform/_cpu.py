@@ -48,10 +48,16 @@ def _stage(value, spatial_shapes, level_start_index, sampling_locations, attenti
     """(value copied into a staging buffer, whether that buffer has huge pages) when that
     pays for this call (cydeform._staging), else (None, False)."""
     gathers = 4 * attention_weights.size
-    huge = _staging.huge_pages_enabled()
     # The cheap tests first (spread 1.0: the most a call can gain); page_spread costs
     # ~0.1 ms, a decoder call ~1 ms.
-    if huge and _staging.worth_staging(value.nbytes, gathers, 1.0):
+    could_stage = _staging.worth_staging(value.nbytes, gathers, 1.0)
+    could_align = _staging.gathers_could_pay_for_aligning(value.nbytes, gathers)
+    if not could_stage and not could_align:
+        # The decoder call's answer without the rest (~20 us after an op call has swept
+        # the caches).
+        return None, False
+    huge = _staging.huge_pages_enabled()
+    if huge and could_stage:
         spread = _staging.page_spread(value.shape, value.itemsize, spatial_shapes, level_start_index,
                                       sampling_locations)
         if _staging.worth_staging(value.nbytes, gathers, spread):
@@ -59,7 +65,7 @@ def _stage(value, spatial_shapes, level_start_index, sampling_locations, attenti
             if staged is not None:
                 return staged, True
     # The address only where the gathers could pay (never for the decoder call).
-    if (_staging.gathers_could_pay_for_aligning(value.nbytes, gathers)
+    if (could_align
             and _staging.worth_aligning(value.ctypes.data, value.shape[-1] * value.itemsize, value.nbytes, gathers)):
         # Only the alignment pays: the buffer with huge pages where they are enabled
         # (they do not hurt), else (or if the kernel gave none) a plain one.
