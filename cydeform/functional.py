@@ -32,17 +32,16 @@ def _c_ready(a):
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     if type(value) is np.ndarray and type(sampling_locations) is np.ndarray and type(attention_weights) is np.ndarray:
         xp = np  # the common case, without array_module's general checks
-        if value.dtype.isnative and sampling_locations.dtype.isnative and attention_weights.dtype.isnative:
-            # Nothing to convert (the general path below costs ~15 us more after an op
-            # call has swept the caches).
-            prob = _validate.check_problem(value, spatial_shapes, level_start_index, sampling_locations,
-                                           attention_weights, _validate.CPU_DTYPES)
-            return xp, prob, value, sampling_locations, attention_weights
+        # Native byte order: nothing to convert (the conversion pass costs ~15 us after an
+        # op call has swept the caches).
+        convert = not (value.dtype.isnative and sampling_locations.dtype.isnative
+                       and attention_weights.dtype.isnative)
     else:
         xp = _validate.array_module(
             ("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)
         )
-    if xp is np:
+        convert = xp is np
+    if convert:
         # Array-likes and non-native byte order are accepted on the CPU (converted, never
         # modified in place).
         value, sampling_locations, attention_weights = (
