@@ -1,6 +1,7 @@
 """Interleaved A/B of two builds of the CPU backend in one process.
 
     python benchmarks/ab_cpu.py BASE_TREE NEW_TREE [REPEAT]
+    python benchmarks/ab_cpu.py --isa BASE_ISA NEW_ISA [REPEAT]
 
 Each tree is a checkout with its extensions built in place (``python setup.py
 build_ext --inplace``), e.g. ``git worktree add /tmp/base <commit>``. Both trees'
@@ -14,6 +15,11 @@ would resolve to one tree for both. Each tree keeps its own per-thread buffers
 (``_staging``), which evict each other between calls: absolute times run above a
 single-build process's (measured: 47 vs 31 ms, the uniform encoder forward at 2
 threads); the ratio is what this is for.
+
+With ``--isa`` it compares two instruction-set builds of the tree it runs from (e.g.
+``--isa avx2 avx512``) by pointing ``cydeform._cpu._impl`` at one build, then the other:
+a Cython module cannot be imported a second time into one process, so the tree is
+loaded once and both builds share its staging buffers.
 """
 import importlib
 import statistics
@@ -38,9 +44,44 @@ def load(tree):
     return mods["cydeform._cpu"], mods["cydeform.bench.problems"]
 
 
-def main(base_tree, new_tree, repeat=7):
-    base, problems = load(base_tree)
-    new, _ = load(new_tree)
+class _WithImpl:
+    """``cydeform._cpu`` with its build swapped to ``impl`` for the duration of each call."""
+
+    def __init__(self, cpu, impl):
+        self._cpu, self._impl = cpu, impl
+
+    def __getattr__(self, name):
+        attr = getattr(self._cpu, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            saved, self._cpu._impl = self._cpu._impl, self._impl
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._cpu._impl = saved
+        return call
+
+
+def load_isas(base_isa, new_isa):
+    """Two views of this tree's ``cydeform._cpu``, each calling one instruction-set build."""
+    from cydeform import _cpu
+    from cydeform.bench import problems
+    for isa in (base_isa, new_isa):
+        if isa not in _cpu.available_isas():
+            sys.exit(f"the {isa} build is missing or this processor cannot run it; "
+                     f"available: {', '.join(_cpu.available_isas())}")
+    return (_WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{base_isa}")),
+            _WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{new_isa}")), problems)
+
+
+def main(base_tree, new_tree, repeat=7, isas=False):
+    if isas:
+        base, new, problems = load_isas(base_tree, new_tree)
+    else:
+        base, problems = load(base_tree)
+        new, _ = load(new_tree)
     print(f"# base {base._impl.__file__}\n# new  {new._impl.__file__}")
     for Lq in (None, 300):
         for dist in ("uniform", "local"):
@@ -67,6 +108,9 @@ def main(base_tree, new_tree, repeat=7):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
+    argv = sys.argv[1:]
+    isas = argv[:1] == ["--isa"]
+    argv = argv[1:] if isas else argv
+    if len(argv) not in (2, 3):
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) == 4 else 7)
+    main(argv[0], argv[1], int(argv[2]) if len(argv) == 3 else 7, isas=isas)
