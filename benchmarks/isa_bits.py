@@ -1,0 +1,62 @@
+"""Bit-identity of the CPU backend across its instruction-set builds and thread counts,
+on the benchmark's own problems (float32 and float64, N=1, encoder and decoder call,
+uniform and local locations, and the same locations stretched past the borders).
+
+    python benchmarks/isa_bits.py
+
+tests/test_cpu.py checks the same on small drawn problems; this runs the sizes the
+benchmark times, whose paths (head-major staging, the sparse backward's blocks, the
+chunked dense backward) small problems may not reach. Exits 1 on any difference.
+"""
+import importlib
+import sys
+
+import numpy as np
+
+from cydeform import _cpu
+from cydeform.bench import problems
+
+
+def results(problem, grad):
+    """{(isa, threads): (out, grad_value, grad_loc, grad_attn)} through _cpu's dispatch."""
+    value, shapes, starts, loc, attn = problem
+    got = {}
+    saved = _cpu._impl
+    try:
+        for isa in _cpu.available_isas():
+            _cpu._impl = importlib.import_module(f"cydeform._cpu_{isa}")
+            for threads in (1, 2, 3):
+                _cpu.set_num_threads(threads)
+                got[isa, threads] = (_cpu.forward(value, shapes, starts, loc, attn),
+                                     *_cpu.backward(grad, value, shapes, starts, loc, attn))
+    finally:
+        _cpu._impl = saved
+    return got
+
+
+def main():
+    print(f"builds: {', '.join(_cpu.available_isas())}; threads 1, 2, 3")
+    bad = 0
+    for dtype in (np.dtype("float32"), np.dtype("float64")):
+        for Lq in (None, 300):
+            for dist in ("uniform", "local"):
+                for stretch in (1.0, 1.3):
+                    value, shapes, starts, loc, attn = problems.make_problem(1, Lq, dist, dtype)
+                    # Stretched about the centre: ~1/4 of the points have corners outside.
+                    loc = np.ascontiguousarray((0.5 + (loc - 0.5) * stretch).astype(dtype))
+                    M, D = value.shape[2:]
+                    grad = np.random.default_rng(1).standard_normal((1, loc.shape[1], M * D)).astype(dtype)
+                    got = results((value, shapes, starts, loc, attn), grad)
+                    first_key = next(iter(got))
+                    differ = [key for key, r in got.items()
+                              if any(a.tobytes() != b.tobytes() for a, b in zip(r, got[first_key]))]
+                    call = "encoder" if Lq is None else "decoder"
+                    print(f"{dtype.name} {call} {dist} stretch {stretch}: "
+                          + (f"DIFFER from {first_key}: {differ}" if differ else f"{len(got)} results bit-identical"),
+                          flush=True)
+                    bad += bool(differ)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
