@@ -340,6 +340,16 @@ cdef inline void _row_prefetch(const floating* row, Py_ssize_t width, bint write
         cyd_prefetch_line(p + nbytes - 1)
 
 
+cdef inline void _row_prefetch_l2(const floating* row, Py_ssize_t width) noexcept nogil:
+    """Ask for the lines of one row of ``width`` elements into the L2."""
+    cdef const char* p = <const char*>row
+    cdef Py_ssize_t nbytes = width * sizeof(floating), off = 0
+    while off < nbytes:
+        cyd_prefetch_line_l2(p + off)
+        off += 64
+    cyd_prefetch_line_l2(p + nbytes - 1)  # as in _row_prefetch
+
+
 cdef void _forward_heads(const floating* value, const int64_t* shapes, const int64_t* starts,
                          const floating* loc, const floating* attn, floating* out, const floating* zeros,
                          floating* scratch, Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D,
@@ -719,7 +729,7 @@ cdef inline void _backward_head_rows(const floating* value_m, floating* grad_val
     backward on head-major value_m / grad_value_m (S, D) slabs, in order. As in
     _forward_heads, their per-row inputs are 1 in M rows apart: copied in blocks of
     _QUERY_BLOCK rows into ``scratch`` (_backward_heads_scratch), outputs copied out."""
-    cdef Py_ssize_t LP = L * P, jb, j, nb, r
+    cdef Py_ssize_t LP = L * P, jb, j, nb, r, nb1, r1
     cdef floating* b_g = scratch + 4 * D
     cdef floating* b_loc = b_g + _QUERY_BLOCK * D
     cdef floating* b_attn = b_loc + _QUERY_BLOCK * 2 * LP
@@ -731,7 +741,15 @@ cdef inline void _backward_head_rows(const floating* value_m, floating* grad_val
         _rows_in(b_g, g, D, r, M, nb)
         _rows_in(b_loc, loc, 2 * LP, r, M, nb)
         _rows_in(b_attn, attn, LP, r, M, nb)
+        # The next block's input rows into the L2, one row a row, for its _rows_in: into
+        # the L1 they competed with the corner rows' prefetches (cpu_log 53, 82).
+        nb1 = min(_QUERY_BLOCK, count - (jb + 1) * _QUERY_BLOCK)
+        r1 = r + _QUERY_BLOCK * M
         for j in range(nb):
+            if j < nb1:
+                _row_prefetch_l2(g + (r1 + j * M) * D, D)
+                _row_prefetch_l2(loc + (r1 + j * M) * 2 * LP, 2 * LP)
+                _row_prefetch_l2(attn + (r1 + j * M) * LP, LP)
             _backward_row(value_m, grad_value_m, zeros, scratch, D, shapes, starts, L, P, D, b_g + j * D,
                           b_loc + j * 2 * LP, b_attn + j * LP, b_gloc + j * 2 * LP, b_gattn + j * LP)
         _rows_out(grad_loc, b_gloc, 2 * LP, r, M, nb)
