@@ -161,9 +161,11 @@ class _Buffer:
         global _unavailable
         if self._array is None or self._array.size < nbytes:
             size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
+            # The old mapping is dropped, not closed: a view of it may still be alive
+            # (e.g. in a traceback kept from an interrupted call), and closing would raise
+            # BufferError; it is unmapped when its last view goes.
             self._array = None
-            if self._map is not None:
-                self._map.close()
+            self._map = None
             self._map = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             raw = np.frombuffer(self._map, dtype=np.uint8)
             offset = (-raw.ctypes.data) % _HUGE_PAGE

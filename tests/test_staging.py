@@ -178,3 +178,21 @@ def test_outputs_start_on_a_cache_line():
     value, shapes, starts, loc, attn = make_problem(1, 300, "uniform", np.float32, levels=LEVELS)
     out, grad_value, _, _ = run((at_offset(value, 16), shapes, starts, loc, attn))
     assert out.ctypes.data % 64 == 0 and grad_value.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_a_buffer_grows_while_a_view_of_its_old_mapping_is_alive(huge):
+    """Growing drops the old mapping instead of closing it: a view still held (say in a
+    traceback of an interrupted call) keeps its memory and contents, and the buffer grows."""
+    buffer = _staging._Buffer(huge=huge)
+    old = buffer.get(1000)
+    if old is None:
+        pytest.skip("the kernel gave no huge pages")
+    old[:] = np.arange(1000) % 251
+    new = buffer.get(5 * _staging._HUGE_PAGE)
+    if new is None:
+        pytest.skip("the kernel gave no huge pages")
+    assert new.size == 5 * _staging._HUGE_PAGE
+    assert np.array_equal(old, np.arange(1000) % 251)
+    new[:] = 7  # a separate mapping: the old view is untouched
+    assert np.array_equal(old, np.arange(1000) % 251)
