@@ -44,7 +44,7 @@ def load(tree):
     return mods["cydeform._cpu"], mods["cydeform.bench.problems"]
 
 
-class _WithImpl:
+class WithImpl:
     """``cydeform._cpu`` with its build swapped to ``impl`` for the duration of each call."""
 
     def __init__(self, cpu, impl):
@@ -72,8 +72,8 @@ def load_isas(base_isa, new_isa):
         if isa not in _cpu.available_isas():
             sys.exit(f"the {isa} build is missing or this processor cannot run it; "
                      f"available: {', '.join(_cpu.available_isas())}")
-    return (_WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{base_isa}")),
-            _WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{new_isa}")), problems)
+    return (WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{base_isa}")),
+            WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{new_isa}")), problems)
 
 
 def main(base_tree, new_tree, repeat=7, isas=False):

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from ab_cpu import WithImpl  # benchmarks/, this script's own folder
 from cydeform import _cpu
 from cydeform.bench import problems
 
@@ -21,16 +22,12 @@ def results(problem, grad):
     """{(isa, threads): (out, grad_value, grad_loc, grad_attn)} through _cpu's dispatch."""
     value, shapes, starts, loc, attn = problem
     got = {}
-    saved = _cpu._impl
-    try:
-        for isa in _cpu.available_isas():
-            _cpu._impl = importlib.import_module(f"cydeform._cpu_{isa}")
-            for threads in (1, 2, 3):
-                _cpu.set_num_threads(threads)
-                got[isa, threads] = (_cpu.forward(value, shapes, starts, loc, attn),
-                                     *_cpu.backward(grad, value, shapes, starts, loc, attn))
-    finally:
-        _cpu._impl = saved
+    for isa in _cpu.available_isas():
+        lib = WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{isa}"))
+        for threads in (1, 2, 3):
+            lib.set_num_threads(threads)
+            got[isa, threads] = (lib.forward(value, shapes, starts, loc, attn),
+                                 *lib.backward(grad, value, shapes, starts, loc, attn))
     return got
 
 

@@ -161,9 +161,9 @@ class _Buffer:
         global _unavailable
         if self._array is None or self._array.size < nbytes:
             size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
-            # The old mapping is dropped, not closed: a view of it may still be alive
-            # (e.g. in a traceback kept from an interrupted call), and closing would raise
-            # BufferError; it is unmapped when its last view goes.
+            # The old mapping is dropped (before the new one is mapped), not closed: a view
+            # of it may still be alive (e.g. in a traceback kept from an interrupted call),
+            # and closing would raise BufferError; it is unmapped when its last view goes.
             self._array = None
             self._map = None
             self._map = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -323,31 +323,32 @@ cdef inline void _rows_out(floating* dst, const floating* src, Py_ssize_t width,
         memcpy(dst + (r0 + j * step) * width, src + j * width, width * sizeof(floating))
 
 
-cdef inline void _row_prefetch(const floating* row, Py_ssize_t width, bint write) noexcept nogil:
-    """Ask for the lines of one row of ``width`` elements (for writing if ``write``)."""
+cdef enum:
+    # What _row_prefetch asks for.
+    _FOR_READ = 0  # into the L1
+    _FOR_WRITE = 1  # into the L1, for writing
+    _FOR_READ_L2 = 2  # into the L2 only
+
+
+cdef inline void _prefetch_one(const char* p, int kind) noexcept nogil:
+    if kind == _FOR_WRITE:
+        cyd_prefetch_write(p)
+    elif kind == _FOR_READ_L2:
+        cyd_prefetch_line_l2(p)
+    else:
+        cyd_prefetch_line(p)
+
+
+cdef inline void _row_prefetch(const floating* row, Py_ssize_t width, int kind) noexcept nogil:
+    """Ask for the lines of one row of ``width`` elements (``kind``: _FOR_READ, _FOR_WRITE
+    or _FOR_READ_L2)."""
     cdef const char* p = <const char*>row
     cdef Py_ssize_t nbytes = width * sizeof(floating), off = 0
     while off < nbytes:
-        if write:
-            cyd_prefetch_write(p + off)
-        else:
-            cyd_prefetch_line(p + off)
+        _prefetch_one(p + off, kind)
         off += 64
     # The last byte: a row that does not start on a line ends on one line more.
-    if write:
-        cyd_prefetch_write(p + nbytes - 1)
-    else:
-        cyd_prefetch_line(p + nbytes - 1)
-
-
-cdef inline void _row_prefetch_l2(const floating* row, Py_ssize_t width) noexcept nogil:
-    """Ask for the lines of one row of ``width`` elements into the L2."""
-    cdef const char* p = <const char*>row
-    cdef Py_ssize_t nbytes = width * sizeof(floating), off = 0
-    while off < nbytes:
-        cyd_prefetch_line_l2(p + off)
-        off += 64
-    cyd_prefetch_line_l2(p + nbytes - 1)  # as in _row_prefetch
+    _prefetch_one(p + nbytes - 1, kind)
 
 
 cdef void _forward_heads(const floating* value, const int64_t* shapes, const int64_t* starts,
@@ -389,9 +390,9 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
             if j < nb:
                 # The next task's row j meanwhile (not all its rows at once: a burst
                 # would fill the miss buffers the gathers need).
-                _row_prefetch(loc + (r1 + j * M) * 2 * LP, 2 * LP, False)
-                _row_prefetch(attn + (r1 + j * M) * LP, LP, False)
-                _row_prefetch(out + (r1 + j * M) * D, D, True)
+                _row_prefetch(loc + (r1 + j * M) * 2 * LP, 2 * LP, _FOR_READ)
+                _row_prefetch(attn + (r1 + j * M) * LP, LP, _FOR_READ)
+                _row_prefetch(out + (r1 + j * M) * D, D, _FOR_WRITE)
             _forward_row(value + (n * M + m) * S * D, zeros, D, shapes, starts, L, P, D,
                          b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
         _rows_out(out, b_out, D, r0, M, q_hi - q_lo)
@@ -747,9 +748,9 @@ cdef inline void _backward_head_rows(const floating* value_m, floating* grad_val
         r1 = r + _QUERY_BLOCK * M
         for j in range(nb):
             if j < nb1:
-                _row_prefetch_l2(g + (r1 + j * M) * D, D)
-                _row_prefetch_l2(loc + (r1 + j * M) * 2 * LP, 2 * LP)
-                _row_prefetch_l2(attn + (r1 + j * M) * LP, LP)
+                _row_prefetch(g + (r1 + j * M) * D, D, _FOR_READ_L2)
+                _row_prefetch(loc + (r1 + j * M) * 2 * LP, 2 * LP, _FOR_READ_L2)
+                _row_prefetch(attn + (r1 + j * M) * LP, LP, _FOR_READ_L2)
             _backward_row(value_m, grad_value_m, zeros, scratch, D, shapes, starts, L, P, D, b_g + j * D,
                           b_loc + j * 2 * LP, b_attn + j * LP, b_gloc + j * 2 * LP, b_gattn + j * LP)
         _rows_out(grad_loc, b_gloc, 2 * LP, r, M, nb)
