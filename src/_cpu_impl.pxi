@@ -127,6 +127,12 @@ cdef extern from "msda_inner.h":
     void cyd_record_d(const double* g, const double* v0, const double* v1, double* out0, double* out1,
                       double w0, double w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
     int CYD_GEOMETRY_LANES
+    int CYD_FWD_GEOMETRY_LANES
+    int CYD_FWD_BLOCK
+    void cyd_forward_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const double* tab,
+                                ptrdiff_t stride, int64_t* code, int64_t* idx, float* w) noexcept nogil
+    void cyd_forward_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const double* tab,
+                                ptrdiff_t stride, int64_t* code, int64_t* idx, double* w) noexcept nogil
     int CYD_HAVE_SHUFFLEVECTOR
     ctypedef struct cyd_levels:
         const int64_t* base
@@ -294,17 +300,108 @@ cdef inline void _forward_row(const floating* value_nm, const floating* zeros, i
             out[d] = NAN
 
 
+cdef double* _forward_tab(const int64_t* shapes, const int64_t* starts, Py_ssize_t L,
+                          Py_ssize_t P) noexcept nogil:
+    """Per point k = l P + p of a row: W, H and the level's first position as doubles, at
+    tab[k], tab[LP + k], tab[2 LP + k] (cyd_forward_geometry's table); NULL where the build
+    takes its points one at a time (_forward_row) or malloc fails."""
+    if CYD_FWD_GEOMETRY_LANES == 1:
+        return NULL
+    cdef Py_ssize_t LP = L * P, l, p
+    cdef double* tab = <double*>malloc(3 * LP * sizeof(double))
+    if tab == NULL:
+        return NULL
+    for l in range(L):
+        for p in range(P):
+            tab[l * P + p] = <double>shapes[2 * l + 1]
+            tab[LP + l * P + p] = <double>shapes[2 * l]
+            tab[2 * LP + l * P + p] = <double>starts[l]
+    return tab
+
+
+cdef inline void _forward_row_v(const floating* value_nm, const floating* zeros, int64_t row_stride,
+                                const int64_t* shapes, const double* tab, Py_ssize_t L, Py_ssize_t P,
+                                Py_ssize_t D, const floating* loc, const floating* attn,
+                                floating* out) noexcept nogil:
+    """_forward_row with the geometry of up to CYD_FWD_BLOCK points at a time in vectors
+    (cyd_forward_geometry): the same samples in the same order, so the same bits."""
+    cdef Py_ssize_t LP = L * P, c0, nb, j, k, c, d
+    cdef int64_t code[_BLOCK]
+    cdef int64_t idx[_BLOCK]
+    cdef floating wb[4 * _BLOCK]
+    cdef const floating* ptr[4 * _BLOCK]
+    cdef floating w[4 * _BLOCK]
+    cdef const floating* p0
+    cdef int64_t W, cd
+    cdef Py_ssize_t npts
+    cdef bint nonfinite = False
+    for d in range(D):
+        out[d] = 0
+    c0 = 0
+    while c0 < LP:
+        nb = min(<Py_ssize_t>_BLOCK, LP - c0)
+        if floating is float:
+            cyd_forward_geometry_f(loc + 2 * c0, attn + c0, nb, tab + c0, LP, code, idx, wb)
+        else:
+            cyd_forward_geometry_d(loc + 2 * c0, attn + c0, nb, tab + c0, LP, code, idx, wb)
+        npts = 0
+        for j in range(nb):
+            cd = code[j]
+            if cd < 0:
+                k = c0 + j
+                if not (isfinite(loc[2 * k]) and isfinite(loc[2 * k + 1])):
+                    nonfinite = True
+                continue
+            W = <int64_t>tab[c0 + j]  # the level's width, exact
+            k = 4 * npts
+            w[k] = wb[j]
+            w[k + 1] = wb[_BLOCK + j]
+            w[k + 2] = wb[2 * _BLOCK + j]
+            w[k + 3] = wb[3 * _BLOCK + j]
+            p0 = value_nm + idx[j] * row_stride
+            if cd == 15:
+                ptr[k] = p0
+                ptr[k + 1] = p0 + row_stride
+                ptr[k + 2] = p0 + W * row_stride
+                ptr[k + 3] = ptr[k + 2] + row_stride
+                cyd_prefetch_row(ptr[k])
+                cyd_prefetch_row(ptr[k + 1])
+                cyd_prefetch_row(ptr[k + 2])
+                cyd_prefetch_row(ptr[k + 3])
+            else:
+                for c in range(4):
+                    if (cd >> c) & 1:
+                        ptr[k + c] = p0 + ((c & 1) + (c >> 1) * W) * row_stride
+                        cyd_prefetch_row(ptr[k + c])
+                    else:
+                        ptr[k + c] = zeros
+                        w[k + c] = 0
+            npts += 1
+        if npts > 0:
+            _accumulate(out, ptr, w, npts, D)
+        c0 += nb
+    if nonfinite:
+        for d in range(D):
+            out[d] = NAN
+
+
 cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* starts,
                    const floating* loc, const floating* attn, floating* out, const floating* zeros,
                    Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq,
                    Py_ssize_t L, Py_ssize_t P) noexcept nogil:
     cdef Py_ssize_t r, n, m
+    cdef double* tab = _forward_tab(shapes, starts, L, P)
     for r in prange(N * Lq * M, schedule="dynamic", chunksize=_DYNAMIC_ROWS,
                     num_threads=_threads(N * Lq * M * L * P * D)):
         n = r // (Lq * M)
         m = r % M
-        _forward_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D,
-                     loc + r * L * P * 2, attn + r * L * P, out + r * D)
+        if tab != NULL:
+            _forward_row_v(value + n * S * M * D + m * D, zeros, M * D, shapes, tab, L, P, D,
+                           loc + r * L * P * 2, attn + r * L * P, out + r * D)
+        else:
+            _forward_row(value + n * S * M * D + m * D, zeros, M * D, shapes, starts, L, P, D,
+                         loc + r * L * P * 2, attn + r * L * P, out + r * D)
+    free(tab)
 
 
 cdef inline void _rows_in(floating* dst, const floating* src, Py_ssize_t width, Py_ssize_t r0,
@@ -366,6 +463,7 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
     cdef floating* b_loc
     cdef floating* b_attn
     cdef floating* b_out
+    cdef double* tab = _forward_tab(shapes, starts, L, P)
     for t in prange(N * M * blocks, schedule="dynamic", chunksize=_DYNAMIC_TASKS, num_threads=threads):
         n = t // (M * blocks)
         m = (t // blocks) % M
@@ -393,9 +491,14 @@ cdef void _forward_heads(const floating* value, const int64_t* shapes, const int
                 _row_prefetch(loc + (r1 + j * M) * 2 * LP, 2 * LP, _FOR_READ)
                 _row_prefetch(attn + (r1 + j * M) * LP, LP, _FOR_READ)
                 _row_prefetch(out + (r1 + j * M) * D, D, _FOR_WRITE)
-            _forward_row(value + (n * M + m) * S * D, zeros, D, shapes, starts, L, P, D,
-                         b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
+            if tab != NULL:
+                _forward_row_v(value + (n * M + m) * S * D, zeros, D, shapes, tab, L, P, D,
+                               b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
+            else:
+                _forward_row(value + (n * M + m) * S * D, zeros, D, shapes, starts, L, P, D,
+                             b_loc + j * 2 * LP, b_attn + j * LP, b_out + j * D)
         _rows_out(out, b_out, D, r0, M, q_hi - q_lo)
+    free(tab)
 
 
 cdef inline Py_ssize_t _heads_scratch_size(int threads, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D) noexcept nogil:
@@ -424,6 +527,12 @@ def geometry_lanes():
     """Internal (tests): (points a step of the sparse geometry in this build, 4 or 1;
     whether the compiler had __builtin_shufflevector, which the 4-lane path needs)."""
     return CYD_GEOMETRY_LANES, bool(CYD_HAVE_SHUFFLEVECTOR)
+
+
+def forward_geometry_lanes():
+    """Internal (tests): points a step of the forward's geometry in this build: 8 where
+    it has AVX-512 (cyd_forward_geometry and _forward_row_v), else 1 (_forward_row)."""
+    return CYD_FWD_GEOMETRY_LANES
 
 
 def by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P):

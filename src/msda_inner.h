@@ -503,4 +503,108 @@ static inline void cyd_sparse_geometry_##SUF(                                   
 CYD_DEFINE_GEOMETRY(float, f)
 CYD_DEFINE_GEOMETRY(double, d)
 
+
+/* ------------------------------------------------------------------ forward geometry */
+/* The forward's geometry of n <= CYD_FWD_BLOCK points of one row, point k on the level
+ * whose width, height and first position (as doubles) are tab[k], tab[stride + k] and
+ * tab[2 stride + k]. Per point:
+ *   code[k]  bit c set where corner c is in the map (0..15); -1 where the point is
+ *            outside it (x < -1, x >= W, y < -1, y >= H) or not finite (the caller
+ *            tells those apart, as _corners does);
+ *   idx[k]   start + y0 W + x0, corner 0's position (only read where code[k] >= 0);
+ *   w[c * CYD_FWD_BLOCK + k]  corner c's weight with the attention.
+ * The same double arithmetic as src/_cpu_impl.pxi's _corners and _forward_row, one point
+ * at a time (floor(x) as the truncation less 1 where that is above x, exact for
+ * -1 <= x < W; y0 W + x0 + start exact in a double), so the same bits. Eight points a
+ * step where the build has AVX-512 (one register of doubles), else one at a time. */
+#define CYD_FWD_BLOCK 64
+#define CYD_FWD_GEOMETRY_ONE(T, k)                                                            \
+    do {                                                                                      \
+        double lxv = loc[2 * (k)], lyv = loc[2 * (k) + 1];                                    \
+        double Wf = tab[k], Hf = tab[stride + (k)];                                           \
+        double x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                        \
+        if (!(x >= -1.0 && x < Wf && y >= -1.0 && y < Hf)) {                                  \
+            code[k] = -1;                                                                     \
+            break;                                                                            \
+        }                                                                                     \
+        double x0 = floor(x), y0 = floor(y), lx = x - x0, ly = y - y0, a = attn[k];           \
+        int iy0 = y0 >= 0, iy1 = y0 + 1.0 < Hf, ix0 = x0 >= 0, ix1 = x0 + 1.0 < Wf;           \
+        code[k] = (iy0 & ix0) | (iy0 & ix1) << 1 | (iy1 & ix0) << 2 | (iy1 & ix1) << 3;       \
+        idx[k] = (int64_t)(tab[2 * stride + (k)] + y0 * Wf + x0);                             \
+        w[(k)] = (T)(a * ((1.0 - ly) * (1.0 - lx)));                                          \
+        w[CYD_FWD_BLOCK + (k)] = (T)(a * ((1.0 - ly) * lx));                                  \
+        w[2 * CYD_FWD_BLOCK + (k)] = (T)(a * (ly * (1.0 - lx)));                              \
+        w[3 * CYD_FWD_BLOCK + (k)] = (T)(a * (ly * lx));                                      \
+    } while (0)
+
+#if CYD_HAVE_SHUFFLEVECTOR && defined(__AVX512F__) && defined(__AVX512DQ__)
+#define CYD_FWD_GEOMETRY_LANES 8
+typedef double cyd_v8d __attribute__((vector_size(8 * sizeof(double))));
+typedef int64_t cyd_v8l __attribute__((vector_size(8 * sizeof(int64_t))));
+typedef int32_t cyd_v8i __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef float cyd_v8f __attribute__((vector_size(8 * sizeof(float))));
+typedef float cyd_v16f __attribute__((vector_size(16 * sizeof(float))));
+#define CYD_FWD_XY_f(lxv, lyv)                                                                \
+    cyd_v16f l_ = CYD_LOAD(cyd_v16f, loc + 2 * k);                                            \
+    cyd_v8d lxv = __builtin_convertvector(                                                    \
+        __builtin_shufflevector(l_, l_, 0, 2, 4, 6, 8, 10, 12, 14), cyd_v8d);                 \
+    cyd_v8d lyv = __builtin_convertvector(                                                    \
+        __builtin_shufflevector(l_, l_, 1, 3, 5, 7, 9, 11, 13, 15), cyd_v8d);                 \
+    cyd_v8d a = __builtin_convertvector(CYD_LOAD(cyd_v8f, attn + k), cyd_v8d);
+#define CYD_FWD_XY_d(lxv, lyv)                                                                \
+    cyd_v8d l0_ = CYD_LOAD(cyd_v8d, loc + 2 * k), l1_ = CYD_LOAD(cyd_v8d, loc + 2 * k + 8);   \
+    cyd_v8d lxv = __builtin_shufflevector(l0_, l1_, 0, 2, 4, 6, 8, 10, 12, 14);               \
+    cyd_v8d lyv = __builtin_shufflevector(l0_, l1_, 1, 3, 5, 7, 9, 11, 13, 15);               \
+    cyd_v8d a = CYD_LOAD(cyd_v8d, attn + k);
+#define CYD_V8_f cyd_v8f
+#define CYD_V8_d cyd_v8d
+#define CYD_FWD_GEOMETRY_VECTOR(T, SUF)                                                       \
+    for (; k + 8 <= n; k += 8) {                                                              \
+        CYD_FWD_XY_##SUF(lxv, lyv)                                                            \
+        cyd_v8d Wf = CYD_LOAD(cyd_v8d, tab + k), Hf = CYD_LOAD(cyd_v8d, tab + stride + k);    \
+        cyd_v8d Sf = CYD_LOAD(cyd_v8d, tab + 2 * stride + k);                                 \
+        cyd_v8d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
+        cyd_v8l in = (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                         \
+        /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
+        x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
+        y = (cyd_v8d)((cyd_v8l)y & in);                                                       \
+        const cyd_v8d one = {1, 1, 1, 1, 1, 1, 1, 1};                                         \
+        cyd_v8d tx = __builtin_convertvector(__builtin_convertvector(x, cyd_v8i), cyd_v8d);   \
+        cyd_v8d ty = __builtin_convertvector(__builtin_convertvector(y, cyd_v8i), cyd_v8d);   \
+        cyd_v8d x0 = tx - (cyd_v8d)((tx > x) & (cyd_v8l)one);                                 \
+        cyd_v8d y0 = ty - (cyd_v8d)((ty > y) & (cyd_v8l)one);                                 \
+        cyd_v8d lx = x - x0, ly = y - y0;                                                     \
+        cyd_v8l iy0 = y0 >= 0.0, iy1 = y0 + 1.0 < Hf, ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf;   \
+        cyd_v8l cm = (iy0 & ix0 & 1) | (iy0 & ix1 & 2) | (iy1 & ix0 & 4) | (iy1 & ix1 & 8);   \
+        cm = (cm & in) | ~in;                                                                 \
+        cyd_v8l b = __builtin_convertvector(Sf + y0 * Wf + x0, cyd_v8l);                      \
+        cyd_v8d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
+        CYD_V8_##SUF w0 = __builtin_convertvector(a * (hy * hx), CYD_V8_##SUF);               \
+        CYD_V8_##SUF w1 = __builtin_convertvector(a * (hy * lx), CYD_V8_##SUF);               \
+        CYD_V8_##SUF w2 = __builtin_convertvector(a * (ly * hx), CYD_V8_##SUF);               \
+        CYD_V8_##SUF w3 = __builtin_convertvector(a * (ly * lx), CYD_V8_##SUF);               \
+        __builtin_memcpy(code + k, &cm, sizeof cm);                                           \
+        __builtin_memcpy(idx + k, &b, sizeof b);                                              \
+        __builtin_memcpy(w + k, &w0, sizeof w0);                                              \
+        __builtin_memcpy(w + CYD_FWD_BLOCK + k, &w1, sizeof w1);                              \
+        __builtin_memcpy(w + 2 * CYD_FWD_BLOCK + k, &w2, sizeof w2);                          \
+        __builtin_memcpy(w + 3 * CYD_FWD_BLOCK + k, &w3, sizeof w3);                          \
+    }
+#else
+#define CYD_FWD_GEOMETRY_LANES 1
+#define CYD_FWD_GEOMETRY_VECTOR(T, SUF)
+#endif
+
+#define CYD_DEFINE_FWD_GEOMETRY(T, SUF)                                                       \
+static inline void cyd_forward_geometry_##SUF(                                                \
+        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const double *restrict tab, \
+        ptrdiff_t stride, int64_t *restrict code, int64_t *restrict idx, T *restrict w) {      \
+    ptrdiff_t k = 0;                                                                          \
+    CYD_FWD_GEOMETRY_VECTOR(T, SUF)                                                           \
+    for (; k < n; ++k) CYD_FWD_GEOMETRY_ONE(T, k);                                            \
+}
+
+CYD_DEFINE_FWD_GEOMETRY(float, f)
+CYD_DEFINE_FWD_GEOMETRY(double, d)
+
 #endif

@@ -318,6 +318,56 @@ def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_thread
     assert_sparse_matches_dense(g, value, shapes, starts, loc, attn)
 
 
+@pytest.mark.parametrize("layout", ["positions", "heads"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_geometry_eight_points_at_a_time(restore_threads, dtype, layout):
+    """The AVX-512 build's forward takes a row's points 8 at a time (cyd_forward_geometry,
+    src/msda_inner.h), the other builds one at a time (_forward_row). With L P = 15 (one
+    group of 8, then 7 one at a time) and locations that hit every case (not finite,
+    outside the map, on the cell edges x = -1 and x = W - 1, on texel centres, levels of
+    width or height 1), every build gives the same bits, and the oracle's values."""
+    from cydeform import _cpu
+
+    rng = np.random.default_rng(21)
+    shapes = np.array([[9, 9], [20, 1], [1, 6]], dtype=np.int64)
+    starts = np.array([0, 81, 101], dtype=np.int64)
+    N, S, M, D, Lq, L, P = 2, 107, 3, 8, 9, 3, 5
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(-0.3, 1.3, (N, Lq, M, L, P, 2))
+    Wl = shapes[:, 1].astype(float)[:, None]  # (L, 1), against (N, M, L, P)
+    Hl = shapes[:, 0].astype(float)[:, None]
+    loc[:, 1, :, :, :, 0] = -0.5 / Wl  # x = -1: the first cell edge, corners x0 outside
+    loc[:, 2, :, :, :, 0] = (Wl - 0.5) / Wl  # x = W - 1: the last texel centre
+    loc[:, 3, :, :, :, 1] = 0.5 / Hl  # y = 0: the first texel row
+    loc[:, 4, :, :, :, 0] = (np.arange(P) * 2 % shapes[:, 1][:, None] + 0.5) / Wl  # texel centres: lx = 0
+    loc[:, 5, 1, 0, 1] = [np.nan, 0.5]  # in the group of 8
+    loc[:, 5, 1, 2, 3] = [0.5, np.inf]  # one at a time
+    loc[:, 6, 2, 1, 0] = [-np.inf, -np.inf]
+    loc[:, 7, :, :, :, 0] = rng.choice([-0.6, 1.6], (N, M, L, P))  # outside
+    loc[:, 8, :, :, :, 1] = (Hl - 0.5) / Hl + 0.25 / Hl  # y between H - 1 and H: corners y0 + 1 outside
+    loc = loc.astype(dtype)
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
+    import importlib
+
+    outs = {}
+    for isa in _cpu.available_isas():
+        impl = importlib.import_module(f"cydeform._cpu_{isa}")
+        assert impl.forward_geometry_lanes() == (8 if isa == "avx512" and impl.geometry_lanes()[1] else 1)
+        for threads in (1, 2):
+            impl.set_num_threads(threads)
+            outs[isa, threads] = impl.forward(value, shapes, starts, loc, attn, layout=layout)
+    first = next(iter(outs.values()))
+    for out in outs.values():
+        assert out.tobytes() == first.tobytes()
+    assert np.isnan(first[:, 5, 1 * D:2 * D]).all() and np.isnan(first[:, 6, 2 * D:3 * D]).all()
+    ok = np.ones(first.shape, bool)
+    ok[:, 5, D:2 * D] = ok[:, 6, 2 * D:3 * D] = False
+    expect = ms_deform_attn_reference(value.astype(np.float64), shapes, starts,
+                                      loc.astype(np.float64), attn.astype(np.float64))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(first[ok], expect[ok], rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sparse_backward_geometry_four_points_at_a_time(restore_threads, dtype):
     """The sparse method's geometry takes a row's points 4 at a time (vector types, in
