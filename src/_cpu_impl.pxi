@@ -129,10 +129,16 @@ cdef extern from "msda_inner.h":
     int CYD_GEOMETRY_LANES
     int CYD_FWD_GEOMETRY_LANES
     int CYD_FWD_BLOCK
-    void cyd_forward_geometry_f(const float* loc, const float* attn, ptrdiff_t n, const double* tab,
-                                ptrdiff_t stride, int64_t* code, int64_t* idx, float* w) noexcept nogil
-    void cyd_forward_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const double* tab,
-                                ptrdiff_t stride, int64_t* code, int64_t* idx, double* w) noexcept nogil
+    int cyd_forward_points_f(const float* loc, const float* attn, ptrdiff_t n, const double* tab,
+                             ptrdiff_t stride, const float* value, ptrdiff_t row_stride, const float* zeros,
+                             const float** ptr, float* w) noexcept nogil
+    int cyd_forward_points_d(const double* loc, const double* attn, ptrdiff_t n, const double* tab,
+                             ptrdiff_t stride, const double* value, ptrdiff_t row_stride, const double* zeros,
+                             const double** ptr, double* w) noexcept nogil
+    void cyd_accumulate_planar_f(float* out, const float** ptr, const float* w, ptrdiff_t npts,
+                                 ptrdiff_t D) noexcept nogil
+    void cyd_accumulate_planar_d(double* out, const double** ptr, const double* w, ptrdiff_t npts,
+                                 ptrdiff_t D) noexcept nogil
     int CYD_HAVE_SHUFFLEVECTOR
     ctypedef struct cyd_levels:
         const int64_t* base
@@ -303,7 +309,7 @@ cdef inline void _forward_row(const floating* value_nm, const floating* zeros, i
 cdef double* _forward_tab(const int64_t* shapes, const int64_t* starts, Py_ssize_t L,
                           Py_ssize_t P) noexcept nogil:
     """Per point k = l P + p of a row: W, H and the level's first position as doubles, at
-    tab[k], tab[LP + k], tab[2 LP + k] (cyd_forward_geometry's table); NULL where the build
+    tab[k], tab[LP + k], tab[2 LP + k] (cyd_forward_points' table); NULL where the build
     takes its points one at a time (_forward_row) or malloc fails."""
     if CYD_FWD_GEOMETRY_LANES == 1:
         return NULL
@@ -323,17 +329,12 @@ cdef inline void _forward_row_v(const floating* value_nm, const floating* zeros,
                                 const int64_t* shapes, const double* tab, Py_ssize_t L, Py_ssize_t P,
                                 Py_ssize_t D, const floating* loc, const floating* attn,
                                 floating* out) noexcept nogil:
-    """_forward_row with the geometry of up to CYD_FWD_BLOCK points at a time in vectors
-    (cyd_forward_geometry): the same samples in the same order, so the same bits."""
-    cdef Py_ssize_t LP = L * P, c0, nb, j, k, c, d
-    cdef int64_t code[_BLOCK]
-    cdef int64_t idx[_BLOCK]
-    cdef floating wb[4 * _BLOCK]
+    """_forward_row with the corner rows and weights of up to _BLOCK points at a time from
+    cyd_forward_points (src/msda_inner.h: eight a step in vectors), points outside the map
+    included as zero rows of weight 0: the same sums, so the same bits."""
+    cdef Py_ssize_t LP = L * P, c0, nb, j, d
     cdef const floating* ptr[4 * _BLOCK]
     cdef floating w[4 * _BLOCK]
-    cdef const floating* p0
-    cdef int64_t W, cd
-    cdef Py_ssize_t npts
     cdef bint nonfinite = False
     for d in range(D):
         out[d] = 0
@@ -341,49 +342,24 @@ cdef inline void _forward_row_v(const floating* value_nm, const floating* zeros,
     while c0 < LP:
         nb = min(<Py_ssize_t>_BLOCK, LP - c0)
         if floating is float:
-            cyd_forward_geometry_f(loc + 2 * c0, attn + c0, nb, tab + c0, LP, code, idx, wb)
+            nonfinite |= cyd_forward_points_f(loc + 2 * c0, attn + c0, nb, tab + c0, LP, value_nm, row_stride,
+                                              zeros, ptr, w)
         else:
-            cyd_forward_geometry_d(loc + 2 * c0, attn + c0, nb, tab + c0, LP, code, idx, wb)
-        npts = 0
+            nonfinite |= cyd_forward_points_d(loc + 2 * c0, attn + c0, nb, tab + c0, LP, value_nm, row_stride,
+                                              zeros, ptr, w)
         for j in range(nb):
-            cd = code[j]
-            if cd < 0:
-                k = c0 + j
-                if not (isfinite(loc[2 * k]) and isfinite(loc[2 * k + 1])):
-                    nonfinite = True
-                continue
-            W = <int64_t>tab[c0 + j]  # the level's width, exact
-            k = 4 * npts
-            w[k] = wb[j]
-            w[k + 1] = wb[_BLOCK + j]
-            w[k + 2] = wb[2 * _BLOCK + j]
-            w[k + 3] = wb[3 * _BLOCK + j]
-            p0 = value_nm + idx[j] * row_stride
-            if cd == 15:
-                ptr[k] = p0
-                ptr[k + 1] = p0 + row_stride
-                ptr[k + 2] = p0 + W * row_stride
-                ptr[k + 3] = ptr[k + 2] + row_stride
-                cyd_prefetch_row(ptr[k])
-                cyd_prefetch_row(ptr[k + 1])
-                cyd_prefetch_row(ptr[k + 2])
-                cyd_prefetch_row(ptr[k + 3])
-            else:
-                for c in range(4):
-                    if (cd >> c) & 1:
-                        ptr[k + c] = p0 + ((c & 1) + (c >> 1) * W) * row_stride
-                        cyd_prefetch_row(ptr[k + c])
-                    else:
-                        ptr[k + c] = zeros
-                        w[k + c] = 0
-            npts += 1
-        if npts > 0:
-            _accumulate(out, ptr, w, npts, D)
+            cyd_prefetch_row(ptr[j])
+            cyd_prefetch_row(ptr[_BLOCK + j])
+            cyd_prefetch_row(ptr[2 * _BLOCK + j])
+            cyd_prefetch_row(ptr[3 * _BLOCK + j])
+        if floating is float:
+            cyd_accumulate_planar_f(out, ptr, w, nb, D)
+        else:
+            cyd_accumulate_planar_d(out, ptr, w, nb, D)
         c0 += nb
     if nonfinite:
         for d in range(D):
             out[d] = NAN
-
 
 cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* starts,
                    const floating* loc, const floating* attn, floating* out, const floating* zeros,
@@ -529,9 +505,13 @@ def geometry_lanes():
     return CYD_GEOMETRY_LANES, bool(CYD_HAVE_SHUFFLEVECTOR)
 
 
+if CYD_FWD_BLOCK != _BLOCK:  # cyd_forward_points' arrays are sized by _BLOCK here
+    raise ImportError(f"CYD_FWD_BLOCK ({CYD_FWD_BLOCK}) != _BLOCK ({_BLOCK})")
+
+
 def forward_geometry_lanes():
     """Internal (tests): points a step of the forward's geometry in this build: 8 where
-    it has AVX-512 (cyd_forward_geometry and _forward_row_v), else 1 (_forward_row)."""
+    it has AVX-512 (cyd_forward_points and _forward_row_v), else 1 (_forward_row)."""
     return CYD_FWD_GEOMETRY_LANES
 
 

@@ -28,6 +28,8 @@
 #endif
 
 #define CYD_LANES 8
+/* Points a step of the AVX-512 forward (cyd_forward_points): _BLOCK of src/_cpu_impl.pxi. */
+#define CYD_FWD_BLOCK 64
 
 /* cyd_prefetch_row: ask for a corner row (up to 128 bytes) before a loop needs it;
  * cyd_prefetch_row_write: the same, for a row about to be written.
@@ -125,19 +127,22 @@ static inline cyd_lanes_##SUF cyd_load_##SUF(const T *p) {                      
 }                                                                                             \
 static inline void cyd_store_##SUF(T *p, cyd_lanes_##SUF v) { __builtin_memcpy(p, &v, sizeof v); } \
 /* One block of a row's samples: out[d] += sum_k (w0 v0[d] + w1 v1[d] + w2 v2[d] + w3 v3[d])  \
- * with sample k's corner rows at ptr[4k + c] and weights (attention included) at w[4k + c].  \
- * Every out[d] is summed in sample order, the same as one sample at a time; 4 x CYD_LANES   \
- * channels stay in registers across all samples. */                                         \
-static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
-                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
+ * with sample k's corner rows at ptr[ps k + cs c] and weights (attention included) at       \
+ * w[ps k + cs c] (cyd_accumulate: ps = 4, cs = 1; cyd_accumulate_planar: by corner, ps = 1, \
+ * cs = CYD_FWD_BLOCK). Every out[d] is summed in sample order, the same as one sample at a   \
+ * time; 4 x CYD_LANES channels stay in registers across all samples. */                     \
+static inline void cyd_accumulate_by_##SUF(T *restrict out, const T *const *restrict ptr,     \
+                                           const T *restrict w, ptrdiff_t npts, ptrdiff_t D,   \
+                                           ptrdiff_t ps, ptrdiff_t cs) {                       \
     ptrdiff_t d = 0;                                                                          \
     for (; d + 4 * CYD_LANES <= D; d += 4 * CYD_LANES) {                                      \
         cyd_lanes_##SUF acc[4];                                                               \
         for (int u = 0; u < 4; ++u) acc[u] = cyd_load_##SUF(out + d + u * CYD_LANES);         \
         for (ptrdiff_t k = 0; k < npts; ++k) {                                                \
-            const T *p0 = ptr[4 * k] + d, *p1 = ptr[4 * k + 1] + d;                           \
-            const T *p2 = ptr[4 * k + 2] + d, *p3 = ptr[4 * k + 3] + d;                       \
-            T w0 = w[4 * k], w1 = w[4 * k + 1], w2 = w[4 * k + 2], w3 = w[4 * k + 3];         \
+            const T *p0 = ptr[ps * k] + d, *p1 = ptr[ps * k + cs] + d;                        \
+            const T *p2 = ptr[ps * k + 2 * cs] + d, *p3 = ptr[ps * k + 3 * cs] + d;           \
+            T w0 = w[ps * k], w1 = w[ps * k + cs], w2 = w[ps * k + 2 * cs];                   \
+            T w3 = w[ps * k + 3 * cs];                                                        \
             for (int u = 0; u < 4; ++u) {                                                     \
                 int o = u * CYD_LANES;                                                        \
                 acc[u] += w0 * cyd_load_##SUF(p0 + o) + w1 * cyd_load_##SUF(p1 + o)           \
@@ -149,19 +154,28 @@ static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restric
     for (; d + CYD_LANES <= D; d += CYD_LANES) {                                              \
         cyd_lanes_##SUF acc = cyd_load_##SUF(out + d);                                        \
         for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
-            acc += w[4 * k] * cyd_load_##SUF(ptr[4 * k] + d)                                  \
-                 + w[4 * k + 1] * cyd_load_##SUF(ptr[4 * k + 1] + d)                          \
-                 + w[4 * k + 2] * cyd_load_##SUF(ptr[4 * k + 2] + d)                          \
-                 + w[4 * k + 3] * cyd_load_##SUF(ptr[4 * k + 3] + d);                         \
+            acc += w[ps * k] * cyd_load_##SUF(ptr[ps * k] + d)                                \
+                 + w[ps * k + cs] * cyd_load_##SUF(ptr[ps * k + cs] + d)                      \
+                 + w[ps * k + 2 * cs] * cyd_load_##SUF(ptr[ps * k + 2 * cs] + d)              \
+                 + w[ps * k + 3 * cs] * cyd_load_##SUF(ptr[ps * k + 3 * cs] + d);             \
         cyd_store_##SUF(out + d, acc);                                                        \
     }                                                                                         \
     for (; d < D; ++d) {                                                                      \
         T acc = out[d];                                                                       \
         for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
-            acc += w[4 * k] * ptr[4 * k][d] + w[4 * k + 1] * ptr[4 * k + 1][d]                \
-                 + w[4 * k + 2] * ptr[4 * k + 2][d] + w[4 * k + 3] * ptr[4 * k + 3][d];        \
+            acc += w[ps * k] * ptr[ps * k][d] + w[ps * k + cs] * ptr[ps * k + cs][d]          \
+                 + w[ps * k + 2 * cs] * ptr[ps * k + 2 * cs][d]                               \
+                 + w[ps * k + 3 * cs] * ptr[ps * k + 3 * cs][d];                              \
         out[d] = acc;                                                                         \
     }                                                                                         \
+}                                                                                             \
+static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
+                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
+    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 4, 1);                                      \
+}                                                                                             \
+static inline void cyd_accumulate_planar_##SUF(T *restrict out, const T *const *restrict ptr, \
+                                               const T *restrict w, ptrdiff_t npts, ptrdiff_t D) { \
+    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 1, CYD_FWD_BLOCK);                          \
 }                                                                                             \
 /* Backward of one sample in one pass over d:                                                 \
  *   lanes[8c + j] = sum_{d = j mod 8} g[d] vc[d]   (partial sums of the four dot products   \
@@ -269,15 +283,25 @@ static inline void cyd_record_##SUF(const T *restrict g, const T *restrict v0,  
 #else
 /* ------------------------------------------------------------------ plain loops */
 #define CYD_DEFINE_INNER(T, SUF)                                                              \
-static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
-                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
+static inline void cyd_accumulate_by_##SUF(T *restrict out, const T *const *restrict ptr,     \
+                                           const T *restrict w, ptrdiff_t npts, ptrdiff_t D,   \
+                                           ptrdiff_t ps, ptrdiff_t cs) {                       \
     for (ptrdiff_t d = 0; d < D; ++d) {                                                       \
         T acc = out[d];                                                                       \
         for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
-            acc += w[4 * k] * ptr[4 * k][d] + w[4 * k + 1] * ptr[4 * k + 1][d]                \
-                 + w[4 * k + 2] * ptr[4 * k + 2][d] + w[4 * k + 3] * ptr[4 * k + 3][d];        \
+            acc += w[ps * k] * ptr[ps * k][d] + w[ps * k + cs] * ptr[ps * k + cs][d]          \
+                 + w[ps * k + 2 * cs] * ptr[ps * k + 2 * cs][d]                               \
+                 + w[ps * k + 3 * cs] * ptr[ps * k + 3 * cs][d];                              \
         out[d] = acc;                                                                         \
     }                                                                                         \
+}                                                                                             \
+static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
+                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
+    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 4, 1);                                      \
+}                                                                                             \
+static inline void cyd_accumulate_planar_##SUF(T *restrict out, const T *const *restrict ptr, \
+                                               const T *restrict w, ptrdiff_t npts, ptrdiff_t D) { \
+    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 1, CYD_FWD_BLOCK);                          \
 }                                                                                             \
 static inline void cyd_sample_backward_##SUF(                                                     \
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
@@ -504,37 +528,53 @@ CYD_DEFINE_GEOMETRY(float, f)
 CYD_DEFINE_GEOMETRY(double, d)
 
 
-/* ------------------------------------------------------------------ forward geometry */
-/* The forward's geometry of n <= CYD_FWD_BLOCK points of one row, point k on the level
- * whose width, height and first position (as doubles) are tab[k], tab[stride + k] and
- * tab[2 stride + k]. Per point:
- *   code[k]  bit c set where corner c is in the map (0..15); -1 where the point is
- *            outside it (x < -1, x >= W, y < -1, y >= H) or not finite (the caller
- *            tells those apart, as _corners does);
- *   idx[k]   start + y0 W + x0, corner 0's position (only read where code[k] >= 0);
- *   w[c * CYD_FWD_BLOCK + k]  corner c's weight with the attention.
- * The same double arithmetic as src/_cpu_impl.pxi's _corners and _forward_row, one point
- * at a time (floor(x) as the truncation less 1 where that is above x, exact for
- * -1 <= x < W; y0 W + x0 + start exact in a double), so the same bits. Eight points a
- * step where the build has AVX-512 (one register of doubles), else one at a time. */
-#define CYD_FWD_BLOCK 64
-#define CYD_FWD_GEOMETRY_ONE(T, k)                                                            \
+/* ------------------------------------------------------------------ forward points */
+/* The forward's corner rows and weights for n <= CYD_FWD_BLOCK points of one row, point k
+ * on the level whose width, height and first position (as doubles) are tab[k],
+ * tab[stride + k] and tab[2 stride + k]. By corner: ptr[c * CYD_FWD_BLOCK + k] is corner
+ * c's row of value (rows row_stride elements apart), or ``zeros`` where the corner is
+ * outside the map; w[c * CYD_FWD_BLOCK + k] its bilinear weight times the attention, 0
+ * outside. A point outside the map (x < -1, x >= W, y < -1, y >= H) or not finite gets four
+ * zero rows of weight 0. Returns whether some point's location is not finite.
+ * The same double arithmetic as src/_cpu_impl.pxi's _corners and _forward_row (floor(x)
+ * as the truncation less 1 where that is above x, exact for -1 <= x < W; y0 W + x0 + start
+ * exact in a double), so the same weights and rows. _forward_row skips the points outside
+ * the map, cyd_accumulate_planar adds their +0 terms: a sum of round-to-nearest additions
+ * that starts at +0 is never -0, so adding +0 never changes it, and the bits are the same.
+ * Eight points a step where the build has AVX-512 (one register of doubles); the scalar
+ * code does the rest (and all of them elsewhere, where the Cython code does not call it). */
+#define CYD_FWD_POINT_ONE(T, k)                                                               \
     do {                                                                                      \
         double lxv = loc[2 * (k)], lyv = loc[2 * (k) + 1];                                    \
         double Wf = tab[k], Hf = tab[stride + (k)];                                           \
         double x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                        \
+        for (int c_ = 0; c_ < 4; ++c_) {                                                      \
+            ptr[c_ * CYD_FWD_BLOCK + (k)] = zeros;                                            \
+            w[c_ * CYD_FWD_BLOCK + (k)] = 0;                                                  \
+        }                                                                                     \
         if (!(x >= -1.0 && x < Wf && y >= -1.0 && y < Hf)) {                                  \
-            code[k] = -1;                                                                     \
+            nonfinite |= !((lxv - lxv == 0) && (lyv - lyv == 0));                             \
             break;                                                                            \
         }                                                                                     \
         double x0 = floor(x), y0 = floor(y), lx = x - x0, ly = y - y0, a = attn[k];           \
         int iy0 = y0 >= 0, iy1 = y0 + 1.0 < Hf, ix0 = x0 >= 0, ix1 = x0 + 1.0 < Wf;           \
-        code[k] = (iy0 & ix0) | (iy0 & ix1) << 1 | (iy1 & ix0) << 2 | (iy1 & ix1) << 3;       \
-        idx[k] = (int64_t)(tab[2 * stride + (k)] + y0 * Wf + x0);                             \
-        w[(k)] = (T)(a * ((1.0 - ly) * (1.0 - lx)));                                          \
-        w[CYD_FWD_BLOCK + (k)] = (T)(a * ((1.0 - ly) * lx));                                  \
-        w[2 * CYD_FWD_BLOCK + (k)] = (T)(a * (ly * (1.0 - lx)));                              \
-        w[3 * CYD_FWD_BLOCK + (k)] = (T)(a * (ly * lx));                                      \
+        int64_t i0 = (int64_t)(tab[2 * stride + (k)] + y0 * Wf + x0), Wi = (int64_t)Wf;       \
+        if (iy0 && ix0) {                                                                     \
+            ptr[(k)] = value + i0 * row_stride;                                               \
+            w[(k)] = (T)(a * ((1.0 - ly) * (1.0 - lx)));                                      \
+        }                                                                                     \
+        if (iy0 && ix1) {                                                                     \
+            ptr[CYD_FWD_BLOCK + (k)] = value + (i0 + 1) * row_stride;                         \
+            w[CYD_FWD_BLOCK + (k)] = (T)(a * ((1.0 - ly) * lx));                              \
+        }                                                                                     \
+        if (iy1 && ix0) {                                                                     \
+            ptr[2 * CYD_FWD_BLOCK + (k)] = value + (i0 + Wi) * row_stride;                    \
+            w[2 * CYD_FWD_BLOCK + (k)] = (T)(a * (ly * (1.0 - lx)));                          \
+        }                                                                                     \
+        if (iy1 && ix1) {                                                                     \
+            ptr[3 * CYD_FWD_BLOCK + (k)] = value + (i0 + Wi + 1) * row_stride;                \
+            w[3 * CYD_FWD_BLOCK + (k)] = (T)(a * (ly * lx));                                  \
+        }                                                                                     \
     } while (0)
 
 #if CYD_HAVE_SHUFFLEVECTOR && defined(__AVX512F__) && defined(__AVX512DQ__)
@@ -544,67 +584,89 @@ typedef int64_t cyd_v8l __attribute__((vector_size(8 * sizeof(int64_t))));
 typedef int32_t cyd_v8i __attribute__((vector_size(8 * sizeof(int32_t))));
 typedef float cyd_v8f __attribute__((vector_size(8 * sizeof(float))));
 typedef float cyd_v16f __attribute__((vector_size(16 * sizeof(float))));
-#define CYD_FWD_XY_f(lxv, lyv)                                                                \
+/* Eight points' x, y (as doubles) and attention a from loc and attn at point k. */
+#define CYD_FWD_XY_f                                                                          \
     cyd_v16f l_ = CYD_LOAD(cyd_v16f, loc + 2 * k);                                            \
     cyd_v8d lxv = __builtin_convertvector(                                                    \
         __builtin_shufflevector(l_, l_, 0, 2, 4, 6, 8, 10, 12, 14), cyd_v8d);                 \
     cyd_v8d lyv = __builtin_convertvector(                                                    \
         __builtin_shufflevector(l_, l_, 1, 3, 5, 7, 9, 11, 13, 15), cyd_v8d);                 \
     cyd_v8d a = __builtin_convertvector(CYD_LOAD(cyd_v8f, attn + k), cyd_v8d);
-#define CYD_FWD_XY_d(lxv, lyv)                                                                \
+#define CYD_FWD_XY_d                                                                          \
     cyd_v8d l0_ = CYD_LOAD(cyd_v8d, loc + 2 * k), l1_ = CYD_LOAD(cyd_v8d, loc + 2 * k + 8);   \
     cyd_v8d lxv = __builtin_shufflevector(l0_, l1_, 0, 2, 4, 6, 8, 10, 12, 14);               \
     cyd_v8d lyv = __builtin_shufflevector(l0_, l1_, 1, 3, 5, 7, 9, 11, 13, 15);               \
     cyd_v8d a = CYD_LOAD(cyd_v8d, attn + k);
 #define CYD_V8_f cyd_v8f
 #define CYD_V8_d cyd_v8d
-#define CYD_FWD_GEOMETRY_VECTOR(T, SUF)                                                       \
+/* The weights wv with the lanes where the mask m is 0 set to +0. */
+#define CYD_MASK_W_f(wv, m) ((cyd_v8f)((cyd_v8i)(wv) & __builtin_convertvector(m, cyd_v8i)))
+#define CYD_MASK_W_d(wv, m) ((cyd_v8d)((cyd_v8l)(wv) & (m)))
+#define CYD_FWD_POINTS_VECTOR(T, SUF)                                                         \
+    cyd_v8l bad = {0};                                                                        \
+    const cyd_v8l zv = {0}, rs = zv + row_stride * (int64_t)sizeof(T);                       \
+    const cyd_v8l vbase = zv + (int64_t)(intptr_t)value, zrow = zv + (int64_t)(intptr_t)zeros; \
+    const cyd_v8d one = {1, 1, 1, 1, 1, 1, 1, 1};                                             \
     for (; k + 8 <= n; k += 8) {                                                              \
-        CYD_FWD_XY_##SUF(lxv, lyv)                                                            \
+        CYD_FWD_XY_##SUF                                                                      \
         cyd_v8d Wf = CYD_LOAD(cyd_v8d, tab + k), Hf = CYD_LOAD(cyd_v8d, tab + stride + k);    \
         cyd_v8d Sf = CYD_LOAD(cyd_v8d, tab + 2 * stride + k);                                 \
         cyd_v8d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
         cyd_v8l in = (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                         \
-        /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
+        bad |= ~((lxv - lxv == 0.0) & (lyv - lyv == 0.0));                                    \
+        /* 0 where out (so the conversions below are defined); those lanes are masked. */     \
         x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
         y = (cyd_v8d)((cyd_v8l)y & in);                                                       \
-        const cyd_v8d one = {1, 1, 1, 1, 1, 1, 1, 1};                                         \
         cyd_v8d tx = __builtin_convertvector(__builtin_convertvector(x, cyd_v8i), cyd_v8d);   \
         cyd_v8d ty = __builtin_convertvector(__builtin_convertvector(y, cyd_v8i), cyd_v8d);   \
         cyd_v8d x0 = tx - (cyd_v8d)((tx > x) & (cyd_v8l)one);                                 \
         cyd_v8d y0 = ty - (cyd_v8d)((ty > y) & (cyd_v8l)one);                                 \
         cyd_v8d lx = x - x0, ly = y - y0;                                                     \
-        cyd_v8l iy0 = y0 >= 0.0, iy1 = y0 + 1.0 < Hf, ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf;   \
-        cyd_v8l cm = (iy0 & ix0 & 1) | (iy0 & ix1 & 2) | (iy1 & ix0 & 4) | (iy1 & ix1 & 8);   \
-        cm = (cm & in) | ~in;                                                                 \
-        cyd_v8l b = __builtin_convertvector(Sf + y0 * Wf + x0, cyd_v8l);                      \
+        cyd_v8l iy0 = in & (y0 >= 0.0), iy1 = in & (y0 + 1.0 < Hf);                           \
+        cyd_v8l ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf;                                         \
+        cyd_v8l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
+        /* Addresses as integers: corner 0 at value + (start + y0 W + x0) row_stride. */      \
+        cyd_v8l a0 = vbase + __builtin_convertvector(Sf + y0 * Wf + x0, cyd_v8l) * rs;        \
+        cyd_v8l a2 = a0 + __builtin_convertvector(Wf, cyd_v8l) * rs;                          \
+        cyd_v8l p0 = (a0 & m0) | (zrow & ~m0), p1 = ((a0 + rs) & m1) | (zrow & ~m1);          \
+        cyd_v8l p2 = (a2 & m2) | (zrow & ~m2), p3 = ((a2 + rs) & m3) | (zrow & ~m3);          \
         cyd_v8d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
         CYD_V8_##SUF w0 = __builtin_convertvector(a * (hy * hx), CYD_V8_##SUF);               \
         CYD_V8_##SUF w1 = __builtin_convertvector(a * (hy * lx), CYD_V8_##SUF);               \
         CYD_V8_##SUF w2 = __builtin_convertvector(a * (ly * hx), CYD_V8_##SUF);               \
         CYD_V8_##SUF w3 = __builtin_convertvector(a * (ly * lx), CYD_V8_##SUF);               \
-        __builtin_memcpy(code + k, &cm, sizeof cm);                                           \
-        __builtin_memcpy(idx + k, &b, sizeof b);                                              \
+        w0 = CYD_MASK_W_##SUF(w0, m0);                                                        \
+        w1 = CYD_MASK_W_##SUF(w1, m1);                                                        \
+        w2 = CYD_MASK_W_##SUF(w2, m2);                                                        \
+        w3 = CYD_MASK_W_##SUF(w3, m3);                                                        \
+        __builtin_memcpy(ptr + k, &p0, sizeof p0);                                            \
+        __builtin_memcpy(ptr + CYD_FWD_BLOCK + k, &p1, sizeof p1);                            \
+        __builtin_memcpy(ptr + 2 * CYD_FWD_BLOCK + k, &p2, sizeof p2);                        \
+        __builtin_memcpy(ptr + 3 * CYD_FWD_BLOCK + k, &p3, sizeof p3);                        \
         __builtin_memcpy(w + k, &w0, sizeof w0);                                              \
         __builtin_memcpy(w + CYD_FWD_BLOCK + k, &w1, sizeof w1);                              \
         __builtin_memcpy(w + 2 * CYD_FWD_BLOCK + k, &w2, sizeof w2);                          \
         __builtin_memcpy(w + 3 * CYD_FWD_BLOCK + k, &w3, sizeof w3);                          \
-    }
+    }                                                                                         \
+    for (int i_ = 0; i_ < 8; ++i_) nonfinite |= bad[i_] != 0;
 #else
 #define CYD_FWD_GEOMETRY_LANES 1
-#define CYD_FWD_GEOMETRY_VECTOR(T, SUF)
+#define CYD_FWD_POINTS_VECTOR(T, SUF)
 #endif
 
-#define CYD_DEFINE_FWD_GEOMETRY(T, SUF)                                                       \
-static inline void cyd_forward_geometry_##SUF(                                                \
+#define CYD_DEFINE_FWD_POINTS(T, SUF)                                                         \
+static inline int cyd_forward_points_##SUF(                                                   \
         const T *restrict loc, const T *restrict attn, ptrdiff_t n, const double *restrict tab, \
-        ptrdiff_t stride, int64_t *restrict code, int64_t *restrict idx, T *restrict w) {      \
+        ptrdiff_t stride, const T *value, ptrdiff_t row_stride, const T *zeros,                \
+        const T **restrict ptr, T *restrict w) {                                              \
     ptrdiff_t k = 0;                                                                          \
-    CYD_FWD_GEOMETRY_VECTOR(T, SUF)                                                           \
-    for (; k < n; ++k) CYD_FWD_GEOMETRY_ONE(T, k);                                            \
+    int nonfinite = 0;                                                                        \
+    CYD_FWD_POINTS_VECTOR(T, SUF)                                                             \
+    for (; k < n; ++k) CYD_FWD_POINT_ONE(T, k);                                               \
+    return nonfinite;                                                                         \
 }
 
-CYD_DEFINE_FWD_GEOMETRY(float, f)
-CYD_DEFINE_FWD_GEOMETRY(double, d)
+CYD_DEFINE_FWD_POINTS(float, f)
+CYD_DEFINE_FWD_POINTS(double, d)
 
 #endif
