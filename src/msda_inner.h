@@ -119,6 +119,49 @@ static inline void cyd_stream_copy(void *dst, const void *src, size_t n) {
 typedef float cyd_lanes_f __attribute__((vector_size(CYD_LANES * sizeof(float))));
 typedef double cyd_lanes_d __attribute__((vector_size(CYD_LANES * sizeof(double))));
 
+/* The accumulation (cyd_accumulate_by) in vectors of its own width: a whole AVX-512
+ * register of floats where the build has one (twice the backward's 8 lanes, whose count
+ * fixes the order of its dot products' sums; here every out[d] is its own sum, in sample
+ * order, whatever the width: the same bits). cyd_acc_blockU: channels [d, d + U
+ * CYD_ACC_LANES) of one call, ``out`` already offset (benchmarks/cpu_log.md 89, 95). */
+#if defined(__AVX512F__)
+#define CYD_ACC_LANES_f 16
+#else
+#define CYD_ACC_LANES_f 8
+#endif
+#define CYD_ACC_LANES_d 8
+typedef float cyd_acc_f __attribute__((vector_size(CYD_ACC_LANES_f * sizeof(float))));
+typedef double cyd_acc_d __attribute__((vector_size(CYD_ACC_LANES_d * sizeof(double))));
+#define CYD_ACC_BLOCK(T, SUF, U)                                                              \
+static inline void cyd_acc_block##U##_##SUF(T *restrict out, const T *const *restrict ptr,    \
+        const T *restrict w, ptrdiff_t npts, ptrdiff_t d, ptrdiff_t ps, ptrdiff_t cs) {       \
+    cyd_acc_##SUF acc[U];                                                                     \
+    for (int u = 0; u < U; ++u)                                                               \
+        __builtin_memcpy(&acc[u], out + u * CYD_ACC_LANES_##SUF, sizeof acc[u]);              \
+    for (ptrdiff_t k = 0; k < npts; ++k) {                                                    \
+        const T *p0 = ptr[ps * k] + d, *p1 = ptr[ps * k + cs] + d;                            \
+        const T *p2 = ptr[ps * k + 2 * cs] + d, *p3 = ptr[ps * k + 3 * cs] + d;               \
+        T w0 = w[ps * k], w1 = w[ps * k + cs], w2 = w[ps * k + 2 * cs], w3 = w[ps * k + 3 * cs]; \
+        for (int u = 0; u < U; ++u) {                                                         \
+            int o = u * CYD_ACC_LANES_##SUF;                                                  \
+            cyd_acc_##SUF v0, v1, v2, v3;                                                     \
+            __builtin_memcpy(&v0, p0 + o, sizeof v0);                                         \
+            __builtin_memcpy(&v1, p1 + o, sizeof v1);                                         \
+            __builtin_memcpy(&v2, p2 + o, sizeof v2);                                         \
+            __builtin_memcpy(&v3, p3 + o, sizeof v3);                                         \
+            acc[u] += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;                                  \
+        }                                                                                     \
+    }                                                                                         \
+    for (int u = 0; u < U; ++u)                                                               \
+        __builtin_memcpy(out + u * CYD_ACC_LANES_##SUF, &acc[u], sizeof acc[u]);              \
+}
+CYD_ACC_BLOCK(float, f, 4)
+CYD_ACC_BLOCK(float, f, 2)
+CYD_ACC_BLOCK(float, f, 1)
+CYD_ACC_BLOCK(double, d, 4)
+CYD_ACC_BLOCK(double, d, 2)
+CYD_ACC_BLOCK(double, d, 1)
+
 #define CYD_DEFINE_INNER(T, SUF)                                                              \
 static inline cyd_lanes_##SUF cyd_load_##SUF(const T *p) {                                    \
     cyd_lanes_##SUF v;                                                                        \
@@ -130,36 +173,17 @@ static inline void cyd_store_##SUF(T *p, cyd_lanes_##SUF v) { __builtin_memcpy(p
  * with sample k's corner rows at ptr[ps k + cs c] and weights (attention included) at       \
  * w[ps k + cs c] (cyd_accumulate: ps = 4, cs = 1; cyd_accumulate_planar: by corner, ps = 1, \
  * cs = CYD_FWD_BLOCK). Every out[d] is summed in sample order, the same as one sample at a   \
- * time; 4 x CYD_LANES channels stay in registers across all samples. */                     \
+ * time; up to 4 x CYD_ACC_LANES channels stay in registers across all samples. */          \
 static inline void cyd_accumulate_by_##SUF(T *restrict out, const T *const *restrict ptr,     \
                                            const T *restrict w, ptrdiff_t npts, ptrdiff_t D,   \
                                            ptrdiff_t ps, ptrdiff_t cs) {                       \
     ptrdiff_t d = 0;                                                                          \
-    for (; d + 4 * CYD_LANES <= D; d += 4 * CYD_LANES) {                                      \
-        cyd_lanes_##SUF acc[4];                                                               \
-        for (int u = 0; u < 4; ++u) acc[u] = cyd_load_##SUF(out + d + u * CYD_LANES);         \
-        for (ptrdiff_t k = 0; k < npts; ++k) {                                                \
-            const T *p0 = ptr[ps * k] + d, *p1 = ptr[ps * k + cs] + d;                        \
-            const T *p2 = ptr[ps * k + 2 * cs] + d, *p3 = ptr[ps * k + 3 * cs] + d;           \
-            T w0 = w[ps * k], w1 = w[ps * k + cs], w2 = w[ps * k + 2 * cs];                   \
-            T w3 = w[ps * k + 3 * cs];                                                        \
-            for (int u = 0; u < 4; ++u) {                                                     \
-                int o = u * CYD_LANES;                                                        \
-                acc[u] += w0 * cyd_load_##SUF(p0 + o) + w1 * cyd_load_##SUF(p1 + o)           \
-                        + w2 * cyd_load_##SUF(p2 + o) + w3 * cyd_load_##SUF(p3 + o);          \
-            }                                                                                 \
-        }                                                                                     \
-        for (int u = 0; u < 4; ++u) cyd_store_##SUF(out + d + u * CYD_LANES, acc[u]);         \
-    }                                                                                         \
-    for (; d + CYD_LANES <= D; d += CYD_LANES) {                                              \
-        cyd_lanes_##SUF acc = cyd_load_##SUF(out + d);                                        \
-        for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
-            acc += w[ps * k] * cyd_load_##SUF(ptr[ps * k] + d)                                \
-                 + w[ps * k + cs] * cyd_load_##SUF(ptr[ps * k + cs] + d)                      \
-                 + w[ps * k + 2 * cs] * cyd_load_##SUF(ptr[ps * k + 2 * cs] + d)              \
-                 + w[ps * k + 3 * cs] * cyd_load_##SUF(ptr[ps * k + 3 * cs] + d);             \
-        cyd_store_##SUF(out + d, acc);                                                        \
-    }                                                                                         \
+    for (; d + 4 * CYD_ACC_LANES_##SUF <= D; d += 4 * CYD_ACC_LANES_##SUF)                    \
+        cyd_acc_block4_##SUF(out + d, ptr, w, npts, d, ps, cs);                               \
+    for (; d + 2 * CYD_ACC_LANES_##SUF <= D; d += 2 * CYD_ACC_LANES_##SUF)                    \
+        cyd_acc_block2_##SUF(out + d, ptr, w, npts, d, ps, cs);                               \
+    for (; d + CYD_ACC_LANES_##SUF <= D; d += CYD_ACC_LANES_##SUF)                            \
+        cyd_acc_block1_##SUF(out + d, ptr, w, npts, d, ps, cs);                               \
     for (; d < D; ++d) {                                                                      \
         T acc = out[d];                                                                       \
         for (ptrdiff_t k = 0; k < npts; ++k)                                                  \
