@@ -11,7 +11,8 @@
  * thread count give bit-identical results.
  *
  * With GCC/Clang, channels go CYD_LANES at a time through explicit vector types (8
- * floats: one AVX2 register, two SSE ones, half an AVX-512 one). Left to plain loops,
+ * floats: one AVX2 register, two SSE ones, half an AVX-512 one; the forward's
+ * accumulation takes a whole AVX-512 register, CYD_ACC_LANES). Left to plain loops,
  * GCC vectorised the channel loops across the wrong axis (shuffles and stack spills,
  * measured 2026-12-03). Elsewhere, plain loops with the same element-wise arithmetic.
  */
