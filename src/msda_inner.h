@@ -194,14 +194,6 @@ static inline void cyd_accumulate_by_##SUF(T *restrict out, const T *const *rest
         out[d] = acc;                                                                         \
     }                                                                                         \
 }                                                                                             \
-static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
-                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
-    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 4, 1);                                      \
-}                                                                                             \
-static inline void cyd_accumulate_planar_##SUF(T *restrict out, const T *const *restrict ptr, \
-                                               const T *restrict w, ptrdiff_t npts, ptrdiff_t D) { \
-    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 1, CYD_FWD_BLOCK);                          \
-}                                                                                             \
 /* Backward of one sample in one pass over d:                                                 \
  *   lanes[8c + j] = sum_{d = j mod 8} g[d] vc[d]   (partial sums of the four dot products   \
  *                                                    every scalar gradient needs; the tail   \
@@ -320,14 +312,6 @@ static inline void cyd_accumulate_by_##SUF(T *restrict out, const T *const *rest
         out[d] = acc;                                                                         \
     }                                                                                         \
 }                                                                                             \
-static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
-                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
-    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 4, 1);                                      \
-}                                                                                             \
-static inline void cyd_accumulate_planar_##SUF(T *restrict out, const T *const *restrict ptr, \
-                                               const T *restrict w, ptrdiff_t npts, ptrdiff_t D) { \
-    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 1, CYD_FWD_BLOCK);                          \
-}                                                                                             \
 static inline void cyd_sample_backward_##SUF(                                                     \
         const T *restrict g, const T *restrict v0, const T *restrict v1,                      \
         const T *restrict v2, const T *restrict v3, T *restrict gv0, T *restrict gv1,         \
@@ -389,6 +373,14 @@ static inline void cyd_record_##SUF(const T *restrict g, const T *restrict v0,  
 #endif
 
 #define CYD_DEFINE_ENTRY_POINTS(T, SUF)                                                       \
+static inline void cyd_accumulate_##SUF(T *restrict out, const T *const *restrict ptr,        \
+                                        const T *restrict w, ptrdiff_t npts, ptrdiff_t D) {    \
+    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 4, 1);                                      \
+}                                                                                             \
+static inline void cyd_accumulate_planar_##SUF(T *restrict out, const T *const *restrict ptr, \
+                                               const T *restrict w, ptrdiff_t npts, ptrdiff_t D) { \
+    cyd_accumulate_by_##SUF(out, ptr, w, npts, D, 1, CYD_FWD_BLOCK);                          \
+}                                                                                             \
 /* dots[c] = lanes[8c] + ... + lanes[8c + 7], in double, in lane order. */                    \
 static inline void cyd_reduce_lanes_##SUF(const T *restrict lanes, double *restrict dots) {   \
     for (int c = 0; c < 4; ++c) {                                                             \

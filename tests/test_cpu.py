@@ -318,6 +318,17 @@ def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_thread
     assert_sparse_matches_dense(g, value, shapes, starts, loc, attn)
 
 
+def _edge_locations(loc, shapes, P):
+    """Queries 1-4 of ``loc`` (N, Lq, M, L, P, 2) onto the cell edges x = -1 and x = W - 1,
+    the first texel row and texel centres (lx = 0), level by level."""
+    Wl = shapes[:, 1].astype(float)[:, None]  # (L, 1), against (N, M, L, P)
+    Hl = shapes[:, 0].astype(float)[:, None]
+    loc[:, 1, :, :, :, 0] = -0.5 / Wl  # x = -1: the first cell edge, corners x0 outside
+    loc[:, 2, :, :, :, 0] = (Wl - 0.5) / Wl  # x = W - 1: the last texel centre
+    loc[:, 3, :, :, :, 1] = 0.5 / Hl  # y = 0: the first texel row
+    loc[:, 4, :, :, :, 0] = (np.arange(P) * 2 % shapes[:, 1][:, None] + 0.5) / Wl  # texel centres: lx = 0
+
+
 @pytest.mark.parametrize("layout", ["positions", "heads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_forward_geometry_eight_points_at_a_time(restore_threads, dtype, layout):
@@ -334,16 +345,12 @@ def test_forward_geometry_eight_points_at_a_time(restore_threads, dtype, layout)
     N, S, M, D, Lq, L, P = 2, 107, 3, 8, 9, 3, 5
     value = rng.standard_normal((N, S, M, D)).astype(dtype)
     loc = rng.uniform(-0.3, 1.3, (N, Lq, M, L, P, 2))
-    Wl = shapes[:, 1].astype(float)[:, None]  # (L, 1), against (N, M, L, P)
-    Hl = shapes[:, 0].astype(float)[:, None]
-    loc[:, 1, :, :, :, 0] = -0.5 / Wl  # x = -1: the first cell edge, corners x0 outside
-    loc[:, 2, :, :, :, 0] = (Wl - 0.5) / Wl  # x = W - 1: the last texel centre
-    loc[:, 3, :, :, :, 1] = 0.5 / Hl  # y = 0: the first texel row
-    loc[:, 4, :, :, :, 0] = (np.arange(P) * 2 % shapes[:, 1][:, None] + 0.5) / Wl  # texel centres: lx = 0
+    _edge_locations(loc, shapes, P)
     loc[:, 5, 1, 0, 1] = [np.nan, 0.5]  # in the group of 8
     loc[:, 5, 1, 2, 3] = [0.5, np.inf]  # one at a time
     loc[:, 6, 2, 1, 0] = [-np.inf, -np.inf]
     loc[:, 7, :, :, :, 0] = rng.choice([-0.6, 1.6], (N, M, L, P))  # outside
+    Hl = shapes[:, 0].astype(float)[:, None]
     loc[:, 8, :, :, :, 1] = (Hl - 0.5) / Hl + 0.25 / Hl  # y between H - 1 and H: corners y0 + 1 outside
     loc = loc.astype(dtype)
     attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
@@ -411,12 +418,7 @@ def test_sparse_backward_geometry_four_points_at_a_time(restore_threads, dtype):
     assert _cpu._impl.sparse_applies(S, Lq, L, P) and L * P % 4 != 0
     value = rng.standard_normal((N, S, M, D)).astype(dtype)
     loc = rng.uniform(-0.3, 1.3, (N, Lq, M, L, P, 2))
-    Wl = shapes[:, 1].astype(float)[:, None]  # (L, 1), against (N, M, L, P)
-    Hl = shapes[:, 0].astype(float)[:, None]
-    loc[:, 1, :, :, :, 0] = -0.5 / Wl  # x = -1: the first cell edge, corners x0 outside
-    loc[:, 2, :, :, :, 0] = (Wl - 0.5) / Wl  # x = W - 1: the last texel centre
-    loc[:, 3, :, :, :, 1] = 0.5 / Hl  # y = 0: the first texel row
-    loc[:, 4, :, :, :, 0] = (np.arange(P) * 2 % shapes[:, 1][:, None] + 0.5) / Wl  # texel centres: lx = 0
+    _edge_locations(loc, shapes, P)
     loc[:, 5, 1, 0, 1] = [np.nan, 0.5]
     loc[:, 5, 1, 1, 2] = [0.5, np.inf]
     loc[:, 5, 2, 2, 3] = [-np.inf, -np.inf]
