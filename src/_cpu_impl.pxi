@@ -306,12 +306,35 @@ cdef inline void _forward_row(const floating* value_nm, const floating* zeros, i
             out[d] = NAN
 
 
+cdef inline bint _forward_vector_applies(const int64_t* shapes, const int64_t* starts,
+                                         Py_ssize_t L) noexcept nogil:
+    """Whether the build has cyd_forward_points' vector code and every level suits it: it
+    truncates x and y (< W, < H) to int32 and forms start + y0 W + x0 in a double, exact
+    below 2^53. Otherwise the forward takes its points one at a time (_forward_row)."""
+    cdef Py_ssize_t l
+    cdef int64_t two31 = 2147483648, two53 = 9007199254740992
+    if CYD_FWD_GEOMETRY_LANES == 1:
+        return False
+    for l in range(L):
+        if shapes[2 * l] >= two31 or shapes[2 * l + 1] >= two31:
+            return False
+        if shapes[2 * l] * shapes[2 * l + 1] >= two53 - starts[l]:  # both below 2^62: no overflow
+            return False
+    return True
+
+
+def forward_vector_applies(const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index):
+    """Internal (tests): whether this build's forward takes these levels' points eight at a
+    time (cyd_forward_points) or one at a time (_forward_row)."""
+    return _forward_vector_applies(&spatial_shapes[0, 0], &level_start_index[0], spatial_shapes.shape[0])
+
+
 cdef double* _forward_tab(const int64_t* shapes, const int64_t* starts, Py_ssize_t L,
                           Py_ssize_t P) noexcept nogil:
     """Per point k = l P + p of a row: W, H and the level's first position as doubles, at
-    tab[k], tab[LP + k], tab[2 LP + k] (cyd_forward_points' table); NULL where the build
-    takes its points one at a time (_forward_row) or malloc fails."""
-    if CYD_FWD_GEOMETRY_LANES == 1:
+    tab[k], tab[LP + k], tab[2 LP + k] (cyd_forward_points' table); NULL where the points
+    go one at a time (not _forward_vector_applies) or malloc fails."""
+    if not _forward_vector_applies(shapes, starts, L):
         return NULL
     cdef Py_ssize_t LP = L * P, l, p
     cdef double* tab = <double*>malloc(3 * LP * sizeof(double))

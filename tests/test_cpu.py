@@ -329,25 +329,29 @@ def _edge_locations(loc, shapes, P):
     loc[:, 4, :, :, :, 0] = (np.arange(P) * 2 % shapes[:, 1][:, None] + 0.5) / Wl  # texel centres: lx = 0
 
 
+@pytest.mark.parametrize("P", [5, 8, 23])
 @pytest.mark.parametrize("layout", ["positions", "heads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_forward_geometry_eight_points_at_a_time(restore_threads, dtype, layout):
-    """The AVX-512 build's forward takes a row's points 8 at a time (cyd_forward_geometry,
+def test_forward_geometry_eight_points_at_a_time(restore_threads, dtype, layout, P):
+    """The AVX-512 build's forward takes a row's points 8 at a time (cyd_forward_points,
     src/msda_inner.h), the other builds one at a time (_forward_row). With L P = 15 (one
-    group of 8, then 7 one at a time) and locations that hit every case (not finite,
-    outside the map, on the cell edges x = -1 and x = W - 1, on texel centres, levels of
-    width or height 1), every build gives the same bits, and the oracle's values."""
+    group of 8, then 7 one at a time), 24 (three groups) and 69 (two blocks of up to 64
+    points, the second 5 one at a time), D = 19 (a 16-float vector and a scalar tail) and
+    locations that hit every case (not finite, outside the map, on the cell edges x = -1
+    and x = W - 1, on texel centres, levels of width or height 1), every build gives the
+    same bits, and the oracle's values."""
     from cydeform import _cpu
 
     rng = np.random.default_rng(21)
     shapes = np.array([[9, 9], [20, 1], [1, 6]], dtype=np.int64)
     starts = np.array([0, 81, 101], dtype=np.int64)
-    N, S, M, D, Lq, L, P = 2, 107, 3, 8, 9, 3, 5
+    N, S, M, D, Lq, L = 2, 107, 3, 19, 9, 3
+    assert _cpu._impl.forward_vector_applies(shapes, starts) == (_cpu._impl.forward_geometry_lanes() == 8)
     value = rng.standard_normal((N, S, M, D)).astype(dtype)
     loc = rng.uniform(-0.3, 1.3, (N, Lq, M, L, P, 2))
     _edge_locations(loc, shapes, P)
-    loc[:, 5, 1, 0, 1] = [np.nan, 0.5]  # in the group of 8
-    loc[:, 5, 1, 2, 3] = [0.5, np.inf]  # one at a time
+    loc[:, 5, 1, 0, 1] = [np.nan, 0.5]  # in the first group of 8
+    loc[:, 5, 1, 2, P - 1] = [0.5, np.inf]  # the row's last point
     loc[:, 6, 2, 1, 0] = [-np.inf, -np.inf]
     loc[:, 7, :, :, :, 0] = rng.choice([-0.6, 1.6], (N, M, L, P))  # outside
     Hl = shapes[:, 0].astype(float)[:, None]
@@ -373,6 +377,27 @@ def test_forward_geometry_eight_points_at_a_time(restore_threads, dtype, layout)
                                       loc.astype(np.float64), attn.astype(np.float64))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(first[ok], expect[ok], rtol=tol, atol=tol)
+
+
+def test_forward_vector_code_only_for_levels_it_is_exact_on():
+    """cyd_forward_points truncates x and y to int32 and forms a level's positions in a double:
+    levels 2^31 wide or tall, or past 2^53 positions, take the scalar path in every build
+    (decided from the shapes alone; no such array is made)."""
+    import importlib
+
+    from cydeform import _cpu
+
+    for isa in _cpu.available_isas():
+        impl = importlib.import_module(f"cydeform._cpu_{isa}")
+        vector = impl.forward_geometry_lanes() == 8
+        ok = np.array([[5, 7], [2**31 - 1, 1]], dtype=np.int64)
+        assert impl.forward_vector_applies(ok, np.array([0, 35], dtype=np.int64)) == vector
+        for shapes, starts in [([[5, 7], [1, 2**31]], [0, 35]), ([[2**31, 1]], [0]),
+                               ([[2**26, 2**27]], [0]), ([[4, 4]], [2**53 - 16])]:
+            assert not impl.forward_vector_applies(np.array(shapes, dtype=np.int64),
+                                                   np.array(starts, dtype=np.int64))
+        assert impl.forward_vector_applies(np.array([[4, 4]], dtype=np.int64),
+                                           np.array([2**53 - 17], dtype=np.int64)) == vector
 
 
 @pytest.mark.parametrize("D", [31, 48, 64, 79])
