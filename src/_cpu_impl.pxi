@@ -99,6 +99,7 @@ cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
     void cyd_prefetch_row_write(const void* p) noexcept nogil
     void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
+    void cyd_copy_short(void* dst, const void* src, size_t n) noexcept nogil
     int64_t cyd_claim(int64_t* counter) noexcept nogil
     void cyd_barrier() noexcept nogil
     void cyd_prefetch_line_l2(const void* p) noexcept nogil
@@ -408,7 +409,7 @@ cdef inline void _rows_in(floating* dst, const floating* src, Py_ssize_t width, 
     """dst[j] = src row r0 + j * step, for j < count (rows of ``width`` elements)."""
     cdef Py_ssize_t j
     for j in range(count):
-        memcpy(dst + j * width, src + (r0 + j * step) * width, width * sizeof(floating))
+        cyd_copy_short(dst + j * width, src + (r0 + j * step) * width, width * sizeof(floating))
 
 
 cdef inline void _rows_out(floating* dst, const floating* src, Py_ssize_t width, Py_ssize_t r0,
@@ -416,7 +417,7 @@ cdef inline void _rows_out(floating* dst, const floating* src, Py_ssize_t width,
     """dst row r0 + j * step = src[j], for j < count: the inverse of _rows_in."""
     cdef Py_ssize_t j
     for j in range(count):
-        memcpy(dst + (r0 + j * step) * width, src + j * width, width * sizeof(floating))
+        cyd_copy_short(dst + (r0 + j * step) * width, src + j * width, width * sizeof(floating))
 
 
 cdef enum:
