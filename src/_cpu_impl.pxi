@@ -385,6 +385,7 @@ cdef inline void _forward_row_v(const floating* value_nm, const floating* zeros,
         for d in range(D):
             out[d] = NAN
 
+
 cdef void _forward(const floating* value, const int64_t* shapes, const int64_t* starts,
                    const floating* loc, const floating* attn, floating* out, const floating* zeros,
                    Py_ssize_t N, Py_ssize_t S, Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq,

@@ -88,7 +88,7 @@ static inline void cyd_barrier(void) {}
 
 /* dst[0:n] = src[0:n] (bytes) for the short per-row copies of the head-major paths
  * (_rows_in, _rows_out: 64-256 bytes a row, five rows per row of the backward): inline
- * fixed-size moves instead of a call to memcpy per row, 1.08-1.15x on the encoder
+ * fixed-size moves instead of a call to memcpy per row, 1.08-1.16x on the encoder
  * backward (benchmarks/cpu_log.md 96). */
 static inline void cyd_copy_short(void *dst, const void *src, size_t n) {
     char *d = (char *)dst;
