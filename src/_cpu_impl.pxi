@@ -154,6 +154,12 @@ cdef extern from "msda_inner.h":
     void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const cyd_levels* lv,
                                int64_t key_nm, int64_t M, int64_t* keys, double* weights, double* geo,
                                signed char* status) noexcept nogil
+    void cyd_sparse_gradients_f(const int64_t* where, const double* dots, const float* g, const float* zeros,
+                                ptrdiff_t D, const double* geo, const float* attn, const cyd_levels* lv,
+                                ptrdiff_t n, float* grad_loc, float* grad_attn) noexcept nogil
+    void cyd_sparse_gradients_d(const int64_t* where, const double* dots, const double* g, const double* zeros,
+                                ptrdiff_t D, const double* geo, const double* attn, const cyd_levels* lv,
+                                ptrdiff_t n, double* grad_loc, double* grad_attn) noexcept nogil
 
 # 0 means "OpenMP's default" (omp_get_max_threads, i.e. OMP_NUM_THREADS or the core count).
 cdef int _num_threads = 0
@@ -1085,40 +1091,26 @@ cdef inline void _sparse_row(const cyd_levels* lv, Py_ssize_t LP, const floating
             grad_loc[2 * k + 1] = grad_attn[k]
 
 
-cdef inline void _sparse_gradients(const int64_t* shapes, Py_ssize_t L, Py_ssize_t P, Py_ssize_t D,
-                                   const floating* g, const floating* attn, const floating* zeros,
-                                   const int64_t* where, const int64_t* next_where, const double* dots,
-                                   const double* geo, floating* grad_loc, floating* grad_attn) noexcept nogil:
+cdef inline void _sparse_gradients(const cyd_levels* lv, Py_ssize_t LP, Py_ssize_t D, const floating* g,
+                                   const floating* attn, const floating* zeros, const int64_t* where,
+                                   const int64_t* next_where, const double* dots, const double* geo,
+                                   floating* grad_loc, floating* grad_attn) noexcept nogil:
     """Phase 4 for one row: the location and weight gradients of its in-map points from
     their corners' dots (where[4k + c]: the dot's index in ``dots``, -1 for a corner
-    outside the map, whose dot is g . 0 as with the dense backward's zero row). First
-    the next row's dots (``next_where``, or NULL) are prefetched: they lie at random in
+    outside the map, whose dot is g . 0 as with the dense backward's zero row), as
+    _point_gradients computes them (cyd_sparse_gradients, src/msda_inner.h). First the
+    next row's dots (``next_where``, or NULL) are prefetched: they lie at random in
     ``dots`` (cpu_log 48)."""
-    cdef Py_ssize_t l, k, c
-    cdef double zero_dot = 0
-    cdef double d[4]
-    cdef bint have_zero_dot = False
+    cdef Py_ssize_t k
     if next_where != NULL:
-        for k in range(L * P * 4):
-            if next_where[k] >= 0:
-                cyd_prefetch_line(dots + next_where[k])
-    for k in range(L * P):
-        if geo[2 * k] < 0:
-            continue
-        for c in range(4):
-            if where[4 * k + c] >= 0:
-                d[c] = dots[where[4 * k + c]]
-            else:
-                if not have_zero_dot:
-                    if floating is float:
-                        zero_dot = cyd_dot_f(g, zeros, D)
-                    else:
-                        zero_dot = cyd_dot_d(g, zeros, D)
-                    have_zero_dot = True
-                d[c] = zero_dot
-        l = k // P
-        _point_gradients(geo[2 * k], geo[2 * k + 1], attn[k], <double>shapes[2 * l + 1], <double>shapes[2 * l], d,
-                         grad_attn + k, grad_loc + 2 * k)
+        # Corners 0 and 2 only (1 and 3 are mostly their pair's second dot, on the same
+        # line), without a test: a -1 asks for dots[-1], memory of the work area.
+        for k in range(0, LP * 4, 2):
+            cyd_prefetch_line(dots + next_where[k])
+    if floating is float:
+        cyd_sparse_gradients_f(where, dots, g, zeros, D, geo, attn, lv, LP, grad_loc, grad_attn)
+    else:
+        cyd_sparse_gradients_d(where, dots, g, zeros, D, geo, attn, lv, LP, grad_loc, grad_attn)
 
 
 cdef inline const char* _prefetch_lines(const char* ahead, const char* end, Py_ssize_t count) noexcept nogil:
@@ -1361,7 +1353,7 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
         #    geometry in its caches): the location and weight gradients. (Handed out as
         #    threads come free: no faster, cpu_log 71.)
         for r in prange(R, schedule="static"):
-            _sparse_gradients(shapes, L, P, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
+            _sparse_gradients(&lv, LP, D, grad_out + r * D, attn + r * LP, zeros, keys + r * LP * 4,
                               keys + (r + 1) * LP * 4 if r + 1 < R else NULL, dots, geo + r * LP * 2,
                               grad_loc + r * LP * 2, grad_attn + r * LP)
 

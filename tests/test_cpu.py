@@ -428,12 +428,13 @@ def test_forward_accumulation_vector_widths_agree(D):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sparse_backward_geometry_four_points_at_a_time(restore_threads, dtype):
-    """The sparse method's geometry takes a row's points 4 at a time (vector types, in
-    the AVX2 and AVX-512 builds) and the rest one at a time (cyd_sparse_geometry,
+    """The sparse method's geometry (phase 1) and its location and weight gradients
+    (phase 4) take a row's points 4 at a time (vector types, in the AVX2 and AVX-512
+    builds) and the rest one at a time (cyd_sparse_geometry, cyd_sparse_gradients,
     src/msda_inner.h); the dense method takes them one at a time. With L P = 15 (three
     groups of 4, then 3) and locations that hit every case (not finite, outside the
-    map, on the cell edges x = -1 and x = W - 1, on texel centres, on the border), both
-    give the same bits, in every instruction-set build."""
+    map, on the cell edges x = -1 and x = W - 1, on texel centres, on the border; a row
+    with no point in the map), both give the same bits, in every instruction-set build."""
     from cydeform import _cpu
 
     rng = np.random.default_rng(12)
