@@ -98,7 +98,7 @@ def cpu_supports(str isa):
 cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
     void cyd_prefetch_row_write(const void* p) noexcept nogil
-    void cyd_stream_copy(void* dst, const void* src, size_t n) noexcept nogil
+    void cyd_stream_copy_zero(void* dst, void* src, size_t n) noexcept nogil
     void cyd_copy_short(void* dst, const void* src, size_t n) noexcept nogil
     int64_t cyd_claim(int64_t* counter) noexcept nogil
     void cyd_barrier() noexcept nogil
@@ -1225,8 +1225,9 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     a block's slots cost on this machine against its rows (static ranges of equal
     estimated work left 1.2-1.5x between the two threads of the decoder call; the
     heaviest blocks first measured the same at 2 threads and 2-3 % slower at 1, cpu_log
-    55 and 58). Each block is zeroed in ``buf``, its slots' dots and scatters, then
-    streamed out to grad_value; the thread's next block (claimed one ahead) has its
+    55 and 58). Each block is summed in ``buf`` (zeroed once, then by each block's
+    stream-out: cpu_log 99), its slots' dots and scatters, then streamed out to
+    grad_value; the thread's next block (claimed one ahead) has its
     value rows prefetched (into the L2) in address order meanwhile, spread over the
     block's slots, and each record's value and buffer rows a few records ahead into the
     L1. Which thread does a block never changes its bits. With ``dots``
@@ -1242,12 +1243,13 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     cdef const char* ahead
     cdef const char* ahead_end
     cdef double w1
+    # Zeroed once here; each block's stream-out zeroes what it copies (cyd_stream_copy_zero).
+    memset(buf, 0, (D << shift) * sizeof(floating))
     blk = cyd_claim(claimed)
     while blk < B:
         nxt = cyd_claim(claimed)
         row_lo = blk << shift
         row_hi = min(NB, row_lo + (1 << shift))
-        memset(buf, 0, (row_hi - row_lo) * D * sizeof(floating))
         lo = block_first[blk]
         hi = block_first[blk + 1]
         ahead = ahead_end = <const char*>value
@@ -1290,7 +1292,7 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
                 cyd_record_f(g, v, v1, out, out1, <float>placed[pos].w0, <float>w1, rk & 1, D, dots + 2 * pos)
             else:
                 cyd_record_d(g, v, v1, out, out1, placed[pos].w0, w1, rk & 1, D, dots + 2 * pos)
-        cyd_stream_copy(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
+        cyd_stream_copy_zero(grad_value + row_lo * D, buf, (row_hi - row_lo) * D * sizeof(floating))
         blk = nxt
 
 

@@ -98,7 +98,7 @@ static inline void cyd_copy_short(void *dst, const void *src, size_t n) {
     for (; n > 0; --n) *d++ = *s++;
 }
 
-/* dst[0:n] = src[0:n] (bytes); on x86-64 the 64-byte-aligned part of dst with
+/* dst[0:n] = src[0:n] (bytes), then src[0:n] = 0; on x86-64 the 64-byte-aligned part of dst with
  * non-temporal stores (elsewhere a plain memcpy): written straight to memory, without
  * first reading the destination's lines into the cache (half the memory traffic of a
  * plain copy into cold memory) and without evicting what the cache holds. Ends with a
@@ -107,21 +107,27 @@ static inline void cyd_copy_short(void *dst, const void *src, size_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>  /* SSE2, part of x86-64: non-temporal 16-byte stores */
 #endif
-static inline void cyd_stream_copy(void *dst, const void *src, size_t n) {
+static inline void cyd_stream_copy_zero(void *dst, void *src, size_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
     char *d = (char *)dst;
-    const char *s = (const char *)src;
+    char *s = (char *)src;
     size_t head = (size_t)((64 - (uintptr_t)d % 64) % 64);
     if (head > n) head = n;
     memcpy(d, s, head);
+    memset(s, 0, head);
     d += head; s += head; n -= head;
+    const __m128i z = _mm_setzero_si128();
     for (; n >= 64; n -= 64, d += 64, s += 64)
-        for (int k = 0; k < 64; k += 16)
+        for (int k = 0; k < 64; k += 16) {
             _mm_stream_si128((__m128i *)(d + k), _mm_loadu_si128((const __m128i *)(s + k)));
+            _mm_storeu_si128((__m128i *)(s + k), z);
+        }
     memcpy(d, s, n);
+    memset(s, 0, n);
     _mm_sfence();
 #else
     memcpy(dst, src, n);
+    memset(src, 0, n);
 #endif
 }
 
