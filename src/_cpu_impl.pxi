@@ -70,6 +70,16 @@ cdef extern from *:
     static int cyd_cpu_supports_avx2(void) { return 0; }
     static int cyd_cpu_supports_avx512(void) { return 0; }
     #endif
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    #include <cpuid.h>
+    static int cyd_cpu_is_intel(void) {
+        unsigned a, b, c, d;
+        if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+        return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  /* "GenuineIntel" */
+    }
+    #else
+    static int cyd_cpu_is_intel(void) { return 0; }
+    #endif
     #ifdef _OPENMP
     #include <omp.h>
     static int cyd_max_threads(void) { return omp_get_max_threads(); }
@@ -83,6 +93,7 @@ cdef extern from *:
     int cyd_have_openmp() noexcept nogil
     int cyd_cpu_supports_avx2() noexcept nogil
     int cyd_cpu_supports_avx512() noexcept nogil
+    int cyd_cpu_is_intel() noexcept nogil
 
 
 def cpu_supports(str isa):
@@ -94,6 +105,30 @@ def cpu_supports(str isa):
     if isa == "avx512":
         return bool(cyd_cpu_supports_avx512())
     raise ValueError(f"unknown instruction set {isa!r}")
+
+
+# Whether phase 3 of the sparse backward prefetches the next block's value rows (all of
+# them, in address order, into the L2) while it works on a block: a property of the
+# processor, read once. On the AMD machines measured (Zen 3, Zen 4) that prefetch is what
+# made phase 3 fast, and prefetching only the rows the block reads was 8-16 % slower
+# (benchmarks/cpu_log.md 17, 22, 29); on the Intel one (a Sapphire Rapids class VM) the
+# decoder backward is 1.06-1.10x faster without it, the records' own prefetch a few
+# ahead reading only the rows they need (100). Never changes a result.
+cdef bint _default_block_prefetch = not cyd_cpu_is_intel()
+
+
+def sparse_block_prefetch_default():
+    """Internal: whether the sparse backward prefetches each next block's value rows on
+    this processor (False on Intel processors, True elsewhere)."""
+    return bool(_default_block_prefetch)
+
+
+cdef bint _block_prefetch(block_prefetch) except -1:
+    if block_prefetch is None:
+        return _default_block_prefetch
+    if block_prefetch not in (True, False):
+        raise ValueError(f"block_prefetch must be True, False or None; got {block_prefetch!r}")
+    return block_prefetch
 
 cdef extern from "msda_inner.h":
     void cyd_prefetch_row(const void* p) noexcept nogil
@@ -1218,7 +1253,8 @@ cdef inline void _sparse_place(Py_ssize_t r_lo, Py_ssize_t r_hi, int64_t* keys, 
 cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floating* grad_out,
                                     const floating* value, floating* grad_value, floating* buf,
                                     const int64_t* block_first, const _Slot* placed, double* dots,
-                                    Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift) noexcept nogil:
+                                    Py_ssize_t NB, Py_ssize_t D, Py_ssize_t M, int shift,
+                                    bint block_prefetch) noexcept nogil:
     """Phase 3 for the blocks this thread claims: the j-th claim of all threads together
     (``claimed``, shared, from 0) is block j, so the threads end within a block or two of
     each other (each holds the block it works on and the one it claimed next), whatever
@@ -1227,10 +1263,10 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     heaviest blocks first measured the same at 2 threads and 2-3 % slower at 1, cpu_log
     55 and 58). Each block is summed in ``buf`` (zeroed once, then by each block's
     stream-out: cpu_log 99), its slots' dots and scatters, then streamed out to
-    grad_value; the thread's next block (claimed one ahead) has its
-    value rows prefetched (into the L2) in address order meanwhile, spread over the
-    block's slots, and each record's value and buffer rows a few records ahead into the
-    L1. Which thread does a block never changes its bits. With ``dots``
+    grad_value. Where ``block_prefetch`` (see _default_block_prefetch), the thread's next
+    block (claimed one ahead) has its value rows prefetched (into the L2) in address order
+    meanwhile, spread over the block's slots; each record's value and buffer rows are
+    prefetched a few records ahead into the L1. Which thread does a block never changes its bits. With ``dots``
     NULL, the benchmark's floor (sparse_floor): each slot's value row added with weight
     1, no dot (the floor's slots have r = 0)."""
     cdef Py_ssize_t blk, nxt, row_lo, row_hi, pos, lo, hi, step
@@ -1253,7 +1289,7 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
         lo = block_first[blk]
         hi = block_first[blk + 1]
         ahead = ahead_end = <const char*>value
-        if nxt < B:
+        if block_prefetch and nxt < B:
             ahead = <const char*>(value + (nxt << shift) * D)
             ahead_end = <const char*>(value + min(NB, (nxt + 1) << shift) * D)
         step = (ahead_end - ahead) // 64 // max(1, hi - lo) + 1
@@ -1300,7 +1336,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
                            const int64_t* starts, const floating* loc, const floating* attn,
                            floating* grad_value, floating* grad_loc, floating* grad_attn,
                            const floating* zeros, char* work, int threads, Py_ssize_t N, Py_ssize_t S,
-                           Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P) noexcept nogil:
+                           Py_ssize_t M, Py_ssize_t D, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t P,
+                           bint block_prefetch) noexcept nogil:
     """``work``: _sparse_work_bytes(...) bytes, 8-byte aligned: the thread's block buffers,
     then for each of the 4 N Lq M L P slots keys (int64), placed (_Slot; pairs leave some
     unused) and two dots (double), geo (2 doubles a point), block_first (B + 1) and
@@ -1349,7 +1386,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
         #    slots' dots and scatters) and streamed out to grad_value.
         for t in prange(threads, schedule="static"):
             _sparse_sum_blocks(claimed, B, grad_out, value, grad_value,
-                               block_bufs + t * (D << shift), block_first, placed, dots, NB, D, M, shift)
+                               block_bufs + t * (D << shift), block_first, placed, dots, NB, D, M, shift,
+                               block_prefetch)
         cyd_barrier()
         # 4. Rows in parallel, each thread its own rows of phases 1 and 2 (their keys and
         #    geometry in its caches): the location and weight gradients. (Handed out as
@@ -1361,7 +1399,8 @@ cdef void _backward_sparse(const floating* grad_out, const floating* value, cons
 
 
 def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int64_t[::1] level_start_index,
-             sampling_locations, attention_weights, buffers=None, method=None, layout=None, work=None):
+             sampling_locations, attention_weights, buffers=None, method=None, layout=None, work=None,
+             block_prefetch=None):
     """Backward on validated C-contiguous arrays; returns (grad_value, grad_loc, grad_attn).
 
     ``method``: 'dense' (scatter into zeroed grad_value buffers), 'sparse' (sorted
@@ -1374,9 +1413,12 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
     ``layout`` (dense only): as in forward(); 'heads' uses K head-major chunk buffers
     and writes grad_value (N, S, M, D) from them at the end. ``work``: as in forward(),
     for the head-major copy of value and those buffers, (K + 1) value sizes.
+    ``block_prefetch`` (sparse only): whether phase 3 prefetches each next block's value
+    rows, None for sparse_block_prefetch_default(); never changes a result.
     """
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    cdef bint prefetch = _block_prefetch(block_prefetch)
     if method is None:
         method = "sparse" if sparse_applies(S, Lq, L, P) else "dense"
     if method not in ("dense", "sparse"):
@@ -1393,11 +1435,11 @@ def backward(grad_output, value, const int64_t[:, ::1] spatial_shapes, const int
         if value.dtype == np.float32:
             _backward_sparse_typed[float](grad_output, value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights, grad_value, grad_loc,
-                                          grad_attn, zeros, work_area, threads)
+                                          grad_attn, zeros, work_area, threads, prefetch)
         else:
             _backward_sparse_typed[double](grad_output, value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights, grad_value, grad_loc,
-                                           grad_attn, zeros, work_area, threads)
+                                           grad_attn, zeros, work_area, threads, prefetch)
         return grad_value, grad_loc, grad_attn
     K = query_chunks(S, Lq, L, P, Lq * M * L * P * D)
     threads = _threads(N * Lq * M * L * P * D)  # read once: the scratch is sized for it
@@ -1461,14 +1503,14 @@ cdef _backward_sparse_typed(const floating[:, :, ::1] grad_out, const floating[:
                             const floating[:, :, :, :, :, ::1] loc, const floating[:, :, :, :, ::1] attn,
                             floating[:, :, :, ::1] grad_value, floating[:, :, :, :, :, ::1] grad_loc,
                             floating[:, :, :, :, ::1] grad_attn, const floating[::1] zeros,
-                            int64_t[::1] work, int threads):
+                            int64_t[::1] work, int threads, bint block_prefetch):
     cdef Py_ssize_t N = value.shape[0], S = value.shape[1], M = value.shape[2], D = value.shape[3]
     cdef Py_ssize_t Lq = loc.shape[1], L = loc.shape[3], P = loc.shape[4]
     with nogil:
         _backward_sparse(&grad_out[0, 0, 0], &value[0, 0, 0, 0], &shapes[0, 0], &starts[0],
                          &loc[0, 0, 0, 0, 0, 0], &attn[0, 0, 0, 0, 0], &grad_value[0, 0, 0, 0],
                          &grad_loc[0, 0, 0, 0, 0, 0], &grad_attn[0, 0, 0, 0, 0], &zeros[0],
-                         <char*>&work[0], threads, N, S, M, D, Lq, L, P)
+                         <char*>&work[0], threads, N, S, M, D, Lq, L, P, block_prefetch)
 
 
 # --------------------------------------------------------------------------- measured floor
@@ -1598,7 +1640,7 @@ def gather_floor(value, const int64_t[:, ::1] rows, backward=False, heads=False,
     return (out, grad) if backward else out
 
 
-def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first):
+def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first, block_prefetch=None):
     """Internal (benchmark floor of a sparse backward): the sparse method's memory traffic,
     its phase 3 without the dot products and weights. value (N, S, M, D); ``slots``
     (slot_dtype): every in-map corner's placed slot, its value row within its block in
@@ -1606,9 +1648,10 @@ def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first):
     (cydeform.bench.floor.sparse_slots); ``block_first`` (B + 1): where each block's slots
     start. The op's phase 3 with its shared block counter, prefetch and buffers, each
     slot's value row added with weight 1 into its block's buffer, which is then streamed
-    out. Returns that grad shaped like value (each row: its value row times the number of
-    slots at it)."""
+    out (``block_prefetch`` as in backward()). Returns that grad shaped like value (each
+    row: its value row times the number of slots at it)."""
     N, S, M, D = value.shape
+    cdef bint prefetch = _block_prefetch(block_prefetch)
     shift = _sparse_block_shift(D, value.itemsize)
     B = block_first.shape[0] - 1
     if B != _sparse_blocks(N * S * M, D, value.itemsize) or block_first[B] != slots.shape[0]:
@@ -1619,10 +1662,10 @@ def sparse_floor(value, const _Slot[::1] slots, const int64_t[::1] block_first):
     claimed = np.zeros(1, dtype=np.int64)
     if value.dtype == np.float32:
         _sparse_floor_typed[float](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, claimed,
-                                   D, shift, threads)
+                                   D, shift, threads, prefetch)
     else:
         _sparse_floor_typed[double](value.reshape(-1), slots, block_first, grad.reshape(-1), bufs, claimed,
-                                    D, shift, threads)
+                                    D, shift, threads, prefetch)
     return grad
 
 
@@ -1633,12 +1676,13 @@ def sparse_block_shift(Py_ssize_t D, Py_ssize_t itemsize):
 
 cdef _sparse_floor_typed(const floating[::1] value, const _Slot[::1] slots, const int64_t[::1] block_first,
                          floating[::1] grad, floating[::1] bufs, int64_t[::1] claimed, Py_ssize_t D,
-                         int shift, int threads):
+                         int shift, int threads, bint block_prefetch):
     cdef Py_ssize_t NB = value.shape[0] // D, B = block_first.shape[0] - 1, t
     with nogil:
         for t in prange(threads, schedule="static", num_threads=threads):
             _sparse_sum_blocks(&claimed[0], B, NULL, &value[0], &grad[0],
-                               &bufs[0] + t * (D << shift), &block_first[0], &slots[0], NULL, NB, D, 0, shift)
+                               &bufs[0] + t * (D << shift), &block_first[0], &slots[0], NULL, NB, D, 0, shift,
+                               block_prefetch)
 
 
 cdef _gather_floor_typed(const floating[::1] value, const int64_t[:, ::1] rows, floating[:, ::1] out,
@@ -1770,7 +1814,7 @@ cdef int _c_backward_sparse(const floating* grad_out, const floating* value, con
     cdef int status = 1
     if work != NULL and zeros != NULL:
         _backward_sparse(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn,
-                         zeros, work, threads, N, S, M, D, Lq, L, P)
+                         zeros, work, threads, N, S, M, D, Lq, L, P, _default_block_prefetch)
         status = 0
     free(work)
     free(zeros)

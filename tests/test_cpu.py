@@ -287,6 +287,45 @@ def test_sparse_backward_nonfinite_grad_output_at_a_border_point(restore_threads
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_backward_with_and_without_the_block_prefetch_gives_the_same_bits(restore_threads, dtype):
+    """Phase 3 of the sparse method prefetches each next block's value rows or not (a
+    choice by processor, sparse_block_prefetch_default): the same bytes either way, over
+    many blocks and a short last one, at any thread count; the benchmark's floor takes the
+    same argument."""
+    from cydeform import _cpu
+    from cydeform.bench.floor import corner_rows, sparse_slots
+
+    rng = np.random.default_rng(5)
+    shapes = np.array([[40, 50], [20, 25], [7, 9]], dtype=np.int64)
+    starts = np.array([0, 2000, 2500], dtype=np.int64)
+    N, S, M, D, Lq, L, P = 1, 2563, 4, 24, 20, 3, 4
+    assert _cpu._impl.sparse_applies(S, Lq, L, P)
+    itemsize = np.dtype(dtype).itemsize
+    assert _cpu._impl.sparse_blocks(N * S * M, D, itemsize) > 3
+    assert N * S * M % (1 << _cpu._impl.sparse_block_shift(D, itemsize)) != 0  # a short last block
+    value = rng.standard_normal((N, S, M, D)).astype(dtype)
+    loc = rng.uniform(-0.1, 1.1, (N, Lq, M, L, P, 2)).astype(dtype)
+    attn = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(dtype)
+    g = rng.standard_normal((N, Lq, M * D)).astype(dtype)
+    assert _cpu._impl.sparse_block_prefetch_default() in (True, False)
+    want = None
+    for threads in (1, 2, 3):
+        cydeform.set_num_threads(threads)
+        for prefetch in (True, False, None):
+            got = _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse",
+                                      block_prefetch=prefetch)
+            assert np.count_nonzero(got[0]) > 0
+            want = want or got
+            for a, b in zip(got, want):
+                assert a.tobytes() == b.tobytes()
+    slots = sparse_slots(corner_rows(value.shape, shapes, starts, loc), value.shape, itemsize)
+    floors = [_cpu._impl.sparse_floor(value, *slots, block_prefetch=prefetch) for prefetch in (True, False)]
+    assert floors[0].tobytes() == floors[1].tobytes() and np.count_nonzero(floors[0]) > 0
+    with pytest.raises(ValueError, match="block_prefetch"):
+        _cpu._impl.backward(g, value, shapes, starts, loc, attn, method="sparse", block_prefetch="auto")
+
+
 @pytest.mark.parametrize("M", [1, 3])
 def test_sparse_backward_pairs_of_corners_across_a_block_boundary(restore_threads, M):
     """The sparse method places a point's corners 0 and 1 (2 and 3) as one record where
