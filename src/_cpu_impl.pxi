@@ -162,7 +162,7 @@ cdef extern from "msda_inner.h":
                       float w0, float w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
     void cyd_record_d(const double* g, const double* v0, const double* v1, double* out0, double* out1,
                       double w0, double w1, int pair, ptrdiff_t D, double* dots) noexcept nogil
-    int CYD_GEOMETRY_LANES
+    int CYD_SPARSE_GEOMETRY_LANES
     int CYD_FWD_GEOMETRY_LANES
     int CYD_FWD_BLOCK
     int cyd_forward_points_f(const float* loc, const float* attn, ptrdiff_t n, const double* tab,
@@ -566,9 +566,10 @@ cdef inline bint _by_head(Py_ssize_t S, Py_ssize_t Lq, Py_ssize_t L, Py_ssize_t 
 
 
 def geometry_lanes():
-    """Internal (tests): (points a step of the sparse geometry in this build, 4 or 1;
-    whether the compiler had __builtin_shufflevector, which the 4-lane path needs)."""
-    return CYD_GEOMETRY_LANES, bool(CYD_HAVE_SHUFFLEVECTOR)
+    """Internal (tests): (the most points a step of the sparse geometry in this build: 8
+    with AVX-512, 4 with AVX2, else 1; whether the compiler had __builtin_shufflevector,
+    which the vector paths need)."""
+    return CYD_SPARSE_GEOMETRY_LANES, bool(CYD_HAVE_SHUFFLEVECTOR)
 
 
 if CYD_FWD_BLOCK != _BLOCK:  # cyd_forward_points' arrays are sized by _BLOCK here

@@ -431,7 +431,8 @@ typedef struct {
  * c, or -1 outside the map; weights[4k + c] = (T)(a w_c); geo[2k : 2k + 2] = (lx, ly),
  * or lx = -1 with status[k] 0 (cell without texel) or -1 (location not finite);
  * status[k] = 1 otherwise.
- * Four points at a time through vector types in the AVX2 and AVX-512 builds, where the
+ * Four points at a time through vector types in the AVX2 and AVX-512 builds (eight first
+ * in the AVX-512 build: CYD_GEOMETRY_VECTOR8, at the end of this file), where the
  * compiler has __builtin_shufflevector (GCC >= 12, Clang) and the keys fit int32
  * arithmetic (lv->narrow): the same double arithmetic as one at a time (floor(x) as a
  * truncation and a correction, exact for the x in [-1, W) that get there), so the same
@@ -549,18 +550,6 @@ typedef float cyd_v4f __attribute__((vector_size(4 * sizeof(float))));
 #define CYD_GEOMETRY_VECTOR(T, SUF)
 #endif
 
-#define CYD_DEFINE_GEOMETRY(T, SUF)                                                           \
-static inline void cyd_sparse_geometry_##SUF(                                                 \
-        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const cyd_levels *lv,     \
-        int64_t key_nm, int64_t M, int64_t *restrict keys, T *restrict weights,               \
-        double *restrict geo, signed char *restrict status) {                                 \
-    ptrdiff_t k = 0;                                                                          \
-    CYD_GEOMETRY_VECTOR(T, SUF)                                                               \
-    for (; k < n; ++k) CYD_GEOMETRY_ONE(T, k);                                                \
-}
-
-CYD_DEFINE_GEOMETRY(float, f)
-CYD_DEFINE_GEOMETRY(double, d)
 
 /* Phase 4 of the sparse backward for the n points of one row (_sparse_gradients in
  * src/_cpu_impl.pxi has the semantics): for each point k with geo[2k] >= 0 (in the map),
@@ -783,5 +772,83 @@ static inline int cyd_forward_points_##SUF(                                     
 
 CYD_DEFINE_FWD_POINTS(float, f)
 CYD_DEFINE_FWD_POINTS(double, d)
+
+
+/* ------------------------------------------------------------------ sparse geometry, 8 lanes */
+/* cyd_sparse_geometry eight points a step in the AVX-512 build, then four, then one: the
+ * 4-lane code's arithmetic (CYD_GEOMETRY_VECTOR) in registers twice as wide, so the same
+ * bits. */
+#if CYD_FWD_GEOMETRY_LANES == 8 && CYD_GEOMETRY_LANES == 4
+#define CYD_SPARSE_GEOMETRY_LANES 8
+/* Four 8-lane vectors c0..c3 stored as out[4i + j] = cj[i] (an 8 x 4 transpose). */
+#define CYD_STORE_8x4(out, c0, c1, c2, c3, VT)                                                \
+    do {                                                                                      \
+        VT lo01_ = __builtin_shufflevector(c0, c1, 0, 8, 1, 9, 2, 10, 3, 11);                 \
+        VT hi01_ = __builtin_shufflevector(c0, c1, 4, 12, 5, 13, 6, 14, 7, 15);               \
+        VT lo23_ = __builtin_shufflevector(c2, c3, 0, 8, 1, 9, 2, 10, 3, 11);                 \
+        VT hi23_ = __builtin_shufflevector(c2, c3, 4, 12, 5, 13, 6, 14, 7, 15);               \
+        VT o_[4] = {__builtin_shufflevector(lo01_, lo23_, 0, 1, 8, 9, 2, 3, 10, 11),          \
+                    __builtin_shufflevector(lo01_, lo23_, 4, 5, 12, 13, 6, 7, 14, 15),        \
+                    __builtin_shufflevector(hi01_, hi23_, 0, 1, 8, 9, 2, 3, 10, 11),          \
+                    __builtin_shufflevector(hi01_, hi23_, 4, 5, 12, 13, 6, 7, 14, 15)};       \
+        __builtin_memcpy(out, o_, sizeof o_);                                                 \
+    } while (0)
+#define CYD_GEOMETRY_VECTOR8(T, SUF)                                                          \
+    for (; lv->narrow && k + 8 <= n; k += 8) {                                                \
+        CYD_FWD_XY_##SUF                                                                      \
+        cyd_v8d Wf = CYD_LOAD(cyd_v8d, lv->Wd + k), Hf = CYD_LOAD(cyd_v8d, lv->Hd + k);       \
+        cyd_v8l bk = CYD_LOAD(cyd_v8l, lv->base + k) + key_nm;                                \
+        cyd_v8l WM = CYD_LOAD(cyd_v8l, lv->WM + k);                                           \
+        cyd_v8i Wi = CYD_LOAD(cyd_v8i, lv->Wi + k);                                           \
+        cyd_v8l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
+        cyd_v8d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
+        cyd_v8l in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                   \
+        x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
+        y = (cyd_v8d)((cyd_v8l)y & in);                                                       \
+        const cyd_v8d one = {1, 1, 1, 1, 1, 1, 1, 1};                                         \
+        cyd_v8d tx = __builtin_convertvector(__builtin_convertvector(x, cyd_v8i), cyd_v8d);   \
+        cyd_v8d ty = __builtin_convertvector(__builtin_convertvector(y, cyd_v8i), cyd_v8d);   \
+        cyd_v8d x0 = tx - (cyd_v8d)((tx > x) & (cyd_v8l)one);                                 \
+        cyd_v8d y0 = ty - (cyd_v8d)((ty > y) & (cyd_v8l)one);                                 \
+        cyd_v8d lx = x - x0, ly = y - y0;                                                     \
+        cyd_v8i rel = (__builtin_convertvector(y0, cyd_v8i) * Wi + __builtin_convertvector(x0, cyd_v8i)) \
+                      * (int32_t)M;                                                           \
+        cyd_v8l b = bk + __builtin_convertvector(rel, cyd_v8l);                               \
+        cyd_v8l iy0 = in & (y0 >= 0.0), iy1 = in & (y0 + 1.0 < Hf), ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf; \
+        cyd_v8l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
+        cyd_v8l k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                               \
+        cyd_v8l k2 = ((b + WM) & m2) | ~m2, k3 = ((b + WM + M) & m3) | ~m3;                   \
+        cyd_v8d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
+        CYD_V8_##SUF w0 = __builtin_convertvector(a * (hy * hx), CYD_V8_##SUF);               \
+        CYD_V8_##SUF w1 = __builtin_convertvector(a * (hy * lx), CYD_V8_##SUF);               \
+        CYD_V8_##SUF w2 = __builtin_convertvector(a * (ly * hx), CYD_V8_##SUF);               \
+        CYD_V8_##SUF w3 = __builtin_convertvector(a * (ly * lx), CYD_V8_##SUF);               \
+        cyd_v8d gx = (cyd_v8d)(((cyd_v8l)lx & in) | ((cyd_v8l)(-one) & ~in));                 \
+        CYD_STORE_8x4(keys + 4 * k, k0, k1, k2, k3, cyd_v8l);                                 \
+        CYD_STORE_8x4(weights + 4 * k, w0, w1, w2, w3, CYD_V8_##SUF);                         \
+        cyd_v8d g_[2] = {__builtin_shufflevector(gx, ly, 0, 8, 1, 9, 2, 10, 3, 11),           \
+                         __builtin_shufflevector(gx, ly, 4, 12, 5, 13, 6, 14, 7, 15)};        \
+        __builtin_memcpy(geo + 2 * k, g_, sizeof g_);                                         \
+        cyd_v8l st = (in & 1) | ~fin; /* 1 in the map, 0 outside, -1 not finite */           \
+        for (int i = 0; i < 8; ++i) status[k + i] = (signed char)st[i];                       \
+    }
+#else
+#define CYD_SPARSE_GEOMETRY_LANES CYD_GEOMETRY_LANES
+#define CYD_GEOMETRY_VECTOR8(T, SUF)
+#endif
+
+#define CYD_DEFINE_GEOMETRY(T, SUF)                                                           \
+static inline void cyd_sparse_geometry_##SUF(                                                 \
+        const T *restrict loc, const T *restrict attn, ptrdiff_t n, const cyd_levels *lv,     \
+        int64_t key_nm, int64_t M, int64_t *restrict keys, T *restrict weights,               \
+        double *restrict geo, signed char *restrict status) {                                 \
+    ptrdiff_t k = 0;                                                                          \
+    CYD_GEOMETRY_VECTOR8(T, SUF)                                                              \
+    CYD_GEOMETRY_VECTOR(T, SUF)                                                               \
+    for (; k < n; ++k) CYD_GEOMETRY_ONE(T, k);                                                \
+}
+
+CYD_DEFINE_GEOMETRY(float, f)
+CYD_DEFINE_GEOMETRY(double, d)
 
 #endif

@@ -469,9 +469,10 @@ def test_forward_accumulation_vector_widths_agree(D):
 def test_sparse_backward_geometry_four_points_at_a_time(restore_threads, dtype):
     """The sparse method's geometry (phase 1) and its location and weight gradients
     (phase 4) take a row's points 4 at a time (vector types, in the AVX2 and AVX-512
-    builds) and the rest one at a time (cyd_sparse_geometry, cyd_sparse_gradients,
-    src/msda_inner.h); the dense method takes them one at a time. With L P = 15 (three
-    groups of 4, then 3) and locations that hit every case (not finite, outside the
+    builds; the geometry 8 at a time first in the AVX-512 build) and the rest one at a
+    time (cyd_sparse_geometry, cyd_sparse_gradients, src/msda_inner.h); the dense method
+    takes them one at a time. With L P = 15 (three groups of 4, or one of 8 and one of 4,
+    then 3) and locations that hit every case (not finite, outside the
     map, on the cell edges x = -1 and x = W - 1, on texel centres, on the border; a row
     with no point in the map), both give the same bits, in every instruction-set build."""
     from cydeform import _cpu
@@ -500,9 +501,9 @@ def test_sparse_backward_geometry_four_points_at_a_time(restore_threads, dtype):
     for isa in _cpu.available_isas():
         impl = importlib.import_module(f"cydeform._cpu_{isa}")
         lanes, have_shufflevector = impl.geometry_lanes()
-        # the 4-lane path is built where AVX is and the compiler can (else this test
-        # would pass without ever running it)
-        assert lanes == (4 if isa in ("avx2", "avx512") and have_shufflevector else 1)
+        # the vector paths are built where AVX is and the compiler can (else this test
+        # would pass without ever running them): 8 then 4 points a step with AVX-512
+        assert lanes == ({"avx2": 4, "avx512": 8}.get(isa, 1) if have_shufflevector else 1)
         other = impl.backward(g, value, shapes, starts, loc, attn, method="sparse")
         for a, b in zip(other, dense):
             assert a.tobytes() == b.tobytes()
