@@ -500,51 +500,65 @@ typedef float cyd_v4f __attribute__((vector_size(4 * sizeof(float))));
 #define CYD_V4_f cyd_v4f
 #define CYD_V4_d cyd_v4d
 
-#define CYD_GEOMETRY_VECTOR(T, SUF)                                                           \
-    for (; lv->narrow && k + 4 <= n; k += 4) {                                                \
-        CYD_V4_##SUF l01 = CYD_LOAD(CYD_V4_##SUF, loc + 2 * k);                               \
-        CYD_V4_##SUF l23 = CYD_LOAD(CYD_V4_##SUF, loc + 2 * k + 4);                           \
-        cyd_v4d lxv = __builtin_convertvector(__builtin_shufflevector(l01, l23, 0, 2, 4, 6), cyd_v4d); \
-        cyd_v4d lyv = __builtin_convertvector(__builtin_shufflevector(l01, l23, 1, 3, 5, 7), cyd_v4d); \
-        cyd_v4d a = __builtin_convertvector(CYD_LOAD(CYD_V4_##SUF, attn + k), cyd_v4d);       \
-        cyd_v4d Wf = CYD_LOAD(cyd_v4d, lv->Wd + k), Hf = CYD_LOAD(cyd_v4d, lv->Hd + k);       \
-        cyd_v4l bk = CYD_LOAD(cyd_v4l, lv->base + k) + key_nm;                                \
-        cyd_v4l WM = CYD_LOAD(cyd_v4l, lv->WM + k);                                           \
-        cyd_v4i Wi = CYD_LOAD(cyd_v4i, lv->Wi + k);                                           \
-        cyd_v4l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
-        cyd_v4d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
-        cyd_v4l in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                   \
+/* One step of NL points of the sparse geometry: VD, VL and VI are NL-lane vectors of
+ * double, int64 and int32, VT of T; XY declares the points' lxv, lyv (as doubles) and a;
+ * STORE writes four NL-lane vectors c0..c3 as out[4i + j] = cj[i]; GEO stores gx and ly
+ * interleaved at geo + 2k. Used with 4 lanes (AVX2 and AVX-512 builds) and 8 (AVX-512). */
+#define CYD_GEOMETRY_STEP(NL, VD, VL, VI, VT, XY, STORE, GEO)                                 \
+    for (; lv->narrow && k + NL <= n; k += NL) {                                              \
+        XY                                                                                    \
+        VD Wf = CYD_LOAD(VD, lv->Wd + k), Hf = CYD_LOAD(VD, lv->Hd + k);                     \
+        VL bk = CYD_LOAD(VL, lv->base + k) + key_nm;                                          \
+        VL WM = CYD_LOAD(VL, lv->WM + k);                                                     \
+        VI Wi = CYD_LOAD(VI, lv->Wi + k);                                                     \
+        VL fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                         \
+        VD x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                            \
+        VL in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                        \
         /* 0 where out (so the conversions below are defined); those lanes are not kept. */   \
-        x = (cyd_v4d)((cyd_v4l)x & in);                                                       \
-        y = (cyd_v4d)((cyd_v4l)y & in);                                                       \
-        const cyd_v4d one = {1, 1, 1, 1};                                                     \
+        x = (VD)((VL)x & in);                                                                 \
+        y = (VD)((VL)y & in);                                                                 \
+        const VD zero = {0}, one = zero + 1.0;                                                \
         /* floor: the truncation, less 1 where that is above x */                             \
-        cyd_v4d tx = __builtin_convertvector(__builtin_convertvector(x, cyd_v4i), cyd_v4d);   \
-        cyd_v4d ty = __builtin_convertvector(__builtin_convertvector(y, cyd_v4i), cyd_v4d);   \
-        cyd_v4d x0 = tx - (cyd_v4d)((tx > x) & (cyd_v4l)one);                                 \
-        cyd_v4d y0 = ty - (cyd_v4d)((ty > y) & (cyd_v4l)one);                                 \
-        cyd_v4d lx = x - x0, ly = y - y0;                                                     \
-        cyd_v4i rel = (__builtin_convertvector(y0, cyd_v4i) * Wi + __builtin_convertvector(x0, cyd_v4i)) \
-                      * (int32_t)M;                                                           \
-        cyd_v4l b = bk + __builtin_convertvector(rel, cyd_v4l);                               \
-        cyd_v4l iy0 = in & (y0 >= 0.0), iy1 = in & (y0 + 1.0 < Hf), ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf; \
-        cyd_v4l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
-        cyd_v4l k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                               \
-        cyd_v4l k2 = ((b + WM) & m2) | ~m2, k3 = ((b + WM + M) & m3) | ~m3;                   \
-        cyd_v4d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
-        CYD_V4_##SUF w0 = __builtin_convertvector(a * (hy * hx), CYD_V4_##SUF);               \
-        CYD_V4_##SUF w1 = __builtin_convertvector(a * (hy * lx), CYD_V4_##SUF);               \
-        CYD_V4_##SUF w2 = __builtin_convertvector(a * (ly * hx), CYD_V4_##SUF);               \
-        CYD_V4_##SUF w3 = __builtin_convertvector(a * (ly * lx), CYD_V4_##SUF);               \
-        cyd_v4d gx = (cyd_v4d)(((cyd_v4l)lx & in) | ((cyd_v4l)(-one) & ~in));                 \
-        CYD_STORE_4x4(keys + 4 * k, k0, k1, k2, k3, cyd_v4l);                                 \
-        CYD_STORE_4x4(weights + 4 * k, w0, w1, w2, w3, CYD_V4_##SUF);                         \
-        cyd_v4d g_[2] = {__builtin_shufflevector(gx, ly, 0, 4, 1, 5),                         \
-                         __builtin_shufflevector(gx, ly, 2, 6, 3, 7)};                        \
-        __builtin_memcpy(geo + 2 * k, g_, sizeof g_);                                         \
-        cyd_v4l st = (in & 1) | ~fin; /* 1 in the map, 0 outside, -1 not finite */           \
-        for (int i = 0; i < 4; ++i) status[k + i] = (signed char)st[i];                       \
+        VD tx = __builtin_convertvector(__builtin_convertvector(x, VI), VD);                  \
+        VD ty = __builtin_convertvector(__builtin_convertvector(y, VI), VD);                  \
+        VD x0 = tx - (VD)((tx > x) & (VL)one);                                                \
+        VD y0 = ty - (VD)((ty > y) & (VL)one);                                                \
+        VD lx = x - x0, ly = y - y0;                                                          \
+        VI rel = (__builtin_convertvector(y0, VI) * Wi + __builtin_convertvector(x0, VI)) * (int32_t)M; \
+        VL b = bk + __builtin_convertvector(rel, VL);                                         \
+        VL iy0 = in & (y0 >= 0.0), iy1 = in & (y0 + 1.0 < Hf), ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf; \
+        VL m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;                    \
+        VL k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                                    \
+        VL k2 = ((b + WM) & m2) | ~m2, k3 = ((b + WM + M) & m3) | ~m3;                        \
+        VD hx = 1.0 - lx, hy = 1.0 - ly;                                                      \
+        VT w0 = __builtin_convertvector(a * (hy * hx), VT);                                   \
+        VT w1 = __builtin_convertvector(a * (hy * lx), VT);                                   \
+        VT w2 = __builtin_convertvector(a * (ly * hx), VT);                                   \
+        VT w3 = __builtin_convertvector(a * (ly * lx), VT);                                   \
+        VD gx = (VD)(((VL)lx & in) | ((VL)(-one) & ~in));                                     \
+        STORE(keys + 4 * k, k0, k1, k2, k3, VL);                                              \
+        STORE(weights + 4 * k, w0, w1, w2, w3, VT);                                           \
+        GEO(geo + 2 * k, gx, ly, VD);                                                         \
+        VL st = (in & 1) | ~fin; /* 1 in the map, 0 outside, -1 not finite */                 \
+        for (int i = 0; i < NL; ++i) status[k + i] = (signed char)st[i];                      \
     }
+/* Four points' x, y (as doubles) and attention a from loc and attn at point k. */
+#define CYD_GEOMETRY_XY4(SUF)                                                                 \
+    CYD_V4_##SUF l01 = CYD_LOAD(CYD_V4_##SUF, loc + 2 * k);                                   \
+    CYD_V4_##SUF l23 = CYD_LOAD(CYD_V4_##SUF, loc + 2 * k + 4);                               \
+    cyd_v4d lxv = __builtin_convertvector(__builtin_shufflevector(l01, l23, 0, 2, 4, 6), cyd_v4d); \
+    cyd_v4d lyv = __builtin_convertvector(__builtin_shufflevector(l01, l23, 1, 3, 5, 7), cyd_v4d); \
+    cyd_v4d a = __builtin_convertvector(CYD_LOAD(CYD_V4_##SUF, attn + k), cyd_v4d);
+/* gx and ly (4 lanes) stored interleaved at out. */
+#define CYD_GEO_4(out, gx, ly, VD)                                                            \
+    do {                                                                                      \
+        VD g_[2] = {__builtin_shufflevector(gx, ly, 0, 4, 1, 5),                              \
+                    __builtin_shufflevector(gx, ly, 2, 6, 3, 7)};                             \
+        __builtin_memcpy(out, g_, sizeof g_);                                                 \
+    } while (0)
+#define CYD_GEOMETRY_VECTOR(T, SUF)                                                           \
+    CYD_GEOMETRY_STEP(4, cyd_v4d, cyd_v4l, cyd_v4i, CYD_V4_##SUF, CYD_GEOMETRY_XY4(SUF),      \
+                      CYD_STORE_4x4, CYD_GEO_4)
 #else
 #define CYD_GEOMETRY_LANES 1
 #define CYD_GEOMETRY_VECTOR(T, SUF)
@@ -776,8 +790,7 @@ CYD_DEFINE_FWD_POINTS(double, d)
 
 /* ------------------------------------------------------------------ sparse geometry, 8 lanes */
 /* cyd_sparse_geometry eight points a step in the AVX-512 build, then four, then one: the
- * 4-lane code's arithmetic (CYD_GEOMETRY_VECTOR) in registers twice as wide, so the same
- * bits. */
+ * same step (CYD_GEOMETRY_STEP) in registers twice as wide, so the same bits. */
 #if CYD_FWD_GEOMETRY_LANES == 8 && CYD_GEOMETRY_LANES == 4
 #define CYD_SPARSE_GEOMETRY_LANES 8
 /* Four 8-lane vectors c0..c3 stored as out[4i + j] = cj[i] (an 8 x 4 transpose). */
@@ -793,45 +806,16 @@ CYD_DEFINE_FWD_POINTS(double, d)
                     __builtin_shufflevector(hi01_, hi23_, 4, 5, 12, 13, 6, 7, 14, 15)};       \
         __builtin_memcpy(out, o_, sizeof o_);                                                 \
     } while (0)
+/* gx and ly (8 lanes) stored interleaved at out. */
+#define CYD_GEO_8(out, gx, ly, VD)                                                            \
+    do {                                                                                      \
+        VD g_[2] = {__builtin_shufflevector(gx, ly, 0, 8, 1, 9, 2, 10, 3, 11),                \
+                    __builtin_shufflevector(gx, ly, 4, 12, 5, 13, 6, 14, 7, 15)};             \
+        __builtin_memcpy(out, g_, sizeof g_);                                                 \
+    } while (0)
 #define CYD_GEOMETRY_VECTOR8(T, SUF)                                                          \
-    for (; lv->narrow && k + 8 <= n; k += 8) {                                                \
-        CYD_FWD_XY_##SUF                                                                      \
-        cyd_v8d Wf = CYD_LOAD(cyd_v8d, lv->Wd + k), Hf = CYD_LOAD(cyd_v8d, lv->Hd + k);       \
-        cyd_v8l bk = CYD_LOAD(cyd_v8l, lv->base + k) + key_nm;                                \
-        cyd_v8l WM = CYD_LOAD(cyd_v8l, lv->WM + k);                                           \
-        cyd_v8i Wi = CYD_LOAD(cyd_v8i, lv->Wi + k);                                           \
-        cyd_v8l fin = (lxv - lxv == 0) & (lyv - lyv == 0);                                    \
-        cyd_v8d x = lxv * Wf - 0.5, y = lyv * Hf - 0.5;                                       \
-        cyd_v8l in = fin & (x >= -1.0) & (x < Wf) & (y >= -1.0) & (y < Hf);                   \
-        x = (cyd_v8d)((cyd_v8l)x & in);                                                       \
-        y = (cyd_v8d)((cyd_v8l)y & in);                                                       \
-        const cyd_v8d one = {1, 1, 1, 1, 1, 1, 1, 1};                                         \
-        cyd_v8d tx = __builtin_convertvector(__builtin_convertvector(x, cyd_v8i), cyd_v8d);   \
-        cyd_v8d ty = __builtin_convertvector(__builtin_convertvector(y, cyd_v8i), cyd_v8d);   \
-        cyd_v8d x0 = tx - (cyd_v8d)((tx > x) & (cyd_v8l)one);                                 \
-        cyd_v8d y0 = ty - (cyd_v8d)((ty > y) & (cyd_v8l)one);                                 \
-        cyd_v8d lx = x - x0, ly = y - y0;                                                     \
-        cyd_v8i rel = (__builtin_convertvector(y0, cyd_v8i) * Wi + __builtin_convertvector(x0, cyd_v8i)) \
-                      * (int32_t)M;                                                           \
-        cyd_v8l b = bk + __builtin_convertvector(rel, cyd_v8l);                               \
-        cyd_v8l iy0 = in & (y0 >= 0.0), iy1 = in & (y0 + 1.0 < Hf), ix0 = x0 >= 0.0, ix1 = x0 + 1.0 < Wf; \
-        cyd_v8l m0 = iy0 & ix0, m1 = iy0 & ix1, m2 = iy1 & ix0, m3 = iy1 & ix1;               \
-        cyd_v8l k0 = (b & m0) | ~m0, k1 = ((b + M) & m1) | ~m1;                               \
-        cyd_v8l k2 = ((b + WM) & m2) | ~m2, k3 = ((b + WM + M) & m3) | ~m3;                   \
-        cyd_v8d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
-        CYD_V8_##SUF w0 = __builtin_convertvector(a * (hy * hx), CYD_V8_##SUF);               \
-        CYD_V8_##SUF w1 = __builtin_convertvector(a * (hy * lx), CYD_V8_##SUF);               \
-        CYD_V8_##SUF w2 = __builtin_convertvector(a * (ly * hx), CYD_V8_##SUF);               \
-        CYD_V8_##SUF w3 = __builtin_convertvector(a * (ly * lx), CYD_V8_##SUF);               \
-        cyd_v8d gx = (cyd_v8d)(((cyd_v8l)lx & in) | ((cyd_v8l)(-one) & ~in));                 \
-        CYD_STORE_8x4(keys + 4 * k, k0, k1, k2, k3, cyd_v8l);                                 \
-        CYD_STORE_8x4(weights + 4 * k, w0, w1, w2, w3, CYD_V8_##SUF);                         \
-        cyd_v8d g_[2] = {__builtin_shufflevector(gx, ly, 0, 8, 1, 9, 2, 10, 3, 11),           \
-                         __builtin_shufflevector(gx, ly, 4, 12, 5, 13, 6, 14, 7, 15)};        \
-        __builtin_memcpy(geo + 2 * k, g_, sizeof g_);                                         \
-        cyd_v8l st = (in & 1) | ~fin; /* 1 in the map, 0 outside, -1 not finite */           \
-        for (int i = 0; i < 8; ++i) status[k + i] = (signed char)st[i];                       \
-    }
+    CYD_GEOMETRY_STEP(8, cyd_v8d, cyd_v8l, cyd_v8i, CYD_V8_##SUF, CYD_FWD_XY_##SUF,           \
+                      CYD_STORE_8x4, CYD_GEO_8)
 #else
 #define CYD_SPARSE_GEOMETRY_LANES CYD_GEOMETRY_LANES
 #define CYD_GEOMETRY_VECTOR8(T, SUF)
