@@ -189,6 +189,10 @@ cdef extern from "msda_inner.h":
     void cyd_sparse_geometry_d(const double* loc, const double* attn, ptrdiff_t n, const cyd_levels* lv,
                                int64_t key_nm, int64_t M, int64_t* keys, double* weights, double* geo,
                                signed char* status) noexcept nogil
+    void cyd_point_gradients_f(double lx, double ly, double a, double W, double H, const double* d,
+                               float* grad_attn, float* grad_loc) noexcept nogil
+    void cyd_point_gradients_d(double lx, double ly, double a, double W, double H, const double* d,
+                               double* grad_attn, double* grad_loc) noexcept nogil
     void cyd_sparse_gradients_f(const int64_t* where, const double* dots, const float* g, const float* zeros,
                                 ptrdiff_t D, const double* geo, const float* attn, const cyd_levels* lv,
                                 ptrdiff_t n, float* grad_loc, float* grad_attn) noexcept nogil
@@ -698,24 +702,14 @@ cdef _forward_typed(const floating[:, :, :, ::1] value, const int64_t[:, ::1] sh
 #   dA = sum_c w_c (g . V_c)
 #   dx = hy (g.V01 - g.V00) + ly (g.V11 - g.V10),   dloc_x = W * A * dx
 #   dy = hx (g.V10 - g.V00) + lx (g.V11 - g.V01),   dloc_y = H * A * dy
-# and grad_value[c] += A * w_c * g for the corners inside the map.
+# and grad_value[c] += A * w_c * g for the corners inside the map (the first three:
+# cyd_point_gradients, src/msda_inner.h, for both backward methods).
 cdef inline void _bilinear(double lx, double ly, double* w) noexcept nogil:
     """The four corners' bilinear weights w_c (before the attention weight)."""
     w[0] = (1.0 - ly) * (1.0 - lx)
     w[1] = (1.0 - ly) * lx
     w[2] = ly * (1.0 - lx)
     w[3] = ly * lx
-
-
-cdef inline void _point_gradients(double lx, double ly, double a, double W, double H, const double* dots,
-                                  floating* grad_attn, floating* grad_loc) noexcept nogil:
-    """grad_attn[0] and grad_loc[0:2] of one in-map point from its four dots g . V_c."""
-    cdef double hx = 1.0 - lx, hy = 1.0 - ly
-    cdef double w[4]
-    _bilinear(lx, ly, w)
-    grad_attn[0] = <floating>(w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3])
-    grad_loc[0] = <floating>(W * a * (hy * (dots[1] - dots[0]) + ly * (dots[3] - dots[2])))
-    grad_loc[1] = <floating>(H * a * (hx * (dots[2] - dots[0]) + lx * (dots[3] - dots[1])))
 
 
 cdef inline void _backward_block(Py_ssize_t D,
@@ -756,8 +750,12 @@ cdef inline void _backward_block(Py_ssize_t D,
         else:
             cyd_reduce_lanes_d(lanes + 4 * _LANES * j, dots)
         k = geo_k[j]
-        _point_gradients(geo[5 * j], geo[5 * j + 1], geo[5 * j + 2], geo[5 * j + 3], geo[5 * j + 4], dots,
-                         grad_attn + k, grad_loc + 2 * k)
+        if floating is float:
+            cyd_point_gradients_f(geo[5 * j], geo[5 * j + 1], geo[5 * j + 2], geo[5 * j + 3], geo[5 * j + 4],
+                                  dots, grad_attn + k, grad_loc + 2 * k)
+        else:
+            cyd_point_gradients_d(geo[5 * j], geo[5 * j + 1], geo[5 * j + 2], geo[5 * j + 3], geo[5 * j + 4],
+                                  dots, grad_attn + k, grad_loc + 2 * k)
 
 
 cdef inline void _backward_row(const floating* value_nm, floating* grad_value_nm, const floating* zeros,
@@ -1134,7 +1132,8 @@ cdef inline void _sparse_gradients(const cyd_levels* lv, Py_ssize_t LP, Py_ssize
     """Phase 4 for one row: the location and weight gradients of its in-map points from
     their corners' dots (where[4k + c]: the dot's index in ``dots``, -1 for a corner
     outside the map, whose dot is g . 0 as with the dense backward's zero row), as
-    _point_gradients computes them (cyd_sparse_gradients, src/msda_inner.h). First the
+    the dense backward computes them (cyd_point_gradients; cyd_sparse_gradients,
+    src/msda_inner.h). First the
     next row's dots (``next_where``, or NULL) are prefetched: they lie at random in
     ``dots`` (cpu_log 48)."""
     cdef Py_ssize_t k
@@ -1267,9 +1266,9 @@ cdef inline void _sparse_sum_blocks(int64_t* claimed, Py_ssize_t B, const floati
     grad_value. Where ``block_prefetch`` (see _default_block_prefetch), the thread's next
     block (claimed one ahead) has its value rows prefetched (into the L2) in address order
     meanwhile, spread over the block's slots; each record's value and buffer rows are
-    prefetched a few records ahead into the L1. Which thread does a block never changes its bits. With ``dots``
-    NULL, the benchmark's floor (sparse_floor): each slot's value row added with weight
-    1, no dot (the floor's slots have r = 0)."""
+    prefetched a few records ahead into the L1. Which thread does a block never changes
+    its bits. With ``dots`` NULL, the benchmark's floor (sparse_floor): each slot's value
+    row added with weight 1, no dot (the floor's slots have r = 0)."""
     cdef Py_ssize_t blk, nxt, row_lo, row_hi, pos, lo, hi, step
     cdef int64_t rk, k, mask = (1 << shift) - 1
     cdef floating* out

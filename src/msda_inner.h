@@ -569,24 +569,35 @@ typedef float cyd_v4f __attribute__((vector_size(4 * sizeof(float))));
  * src/_cpu_impl.pxi has the semantics): for each point k with geo[2k] >= 0 (in the map),
  * from its corners' dots (where[4k + c]: the index in ``dots``, or -1 for a corner
  * outside the map, whose dot is g . zeros), grad_attn[k] and grad_loc[2k : 2k + 2] as
- * _point_gradients computes them; the other points are left alone. The same double
+ * cyd_point_gradients computes them; the other points are left alone. The same double
  * arithmetic in the same order one point at a time and four points a step (the AVX2 and
  * AVX-512 builds), so the same bits. */
-#define CYD_GRADIENTS_ONE(T, k)                                                               \
+/* One in-map point's grad_attn[0] and grad_loc[0:2] from its four dots d[c] = g . V_c
+ * (the formulas above _bilinear in src/_cpu_impl.pxi); the dense backward calls it too. */
+#define CYD_DEFINE_POINT_GRADIENTS(T, SUF)                                                    \
+static inline void cyd_point_gradients_##SUF(double lx, double ly, double a, double W,        \
+                                             double H, const double *d, T *grad_attn,         \
+                                             T *grad_loc) {                                   \
+    double hx = 1.0 - lx, hy = 1.0 - ly;                                                      \
+    double w0 = (1.0 - ly) * (1.0 - lx), w1 = (1.0 - ly) * lx;                                \
+    double w2 = ly * (1.0 - lx), w3 = ly * lx;                                                \
+    grad_attn[0] = (T)(w0 * d[0] + w1 * d[1] + w2 * d[2] + w3 * d[3]);                        \
+    grad_loc[0] = (T)(W * a * (hy * (d[1] - d[0]) + ly * (d[3] - d[2])));                     \
+    grad_loc[1] = (T)(H * a * (hx * (d[2] - d[0]) + lx * (d[3] - d[1])));                     \
+}
+CYD_DEFINE_POINT_GRADIENTS(float, f)
+CYD_DEFINE_POINT_GRADIENTS(double, d)
+
+#define CYD_GRADIENTS_ONE(SUF, k)                                                             \
     do {                                                                                      \
-        double lx = geo[2 * (k)], ly = geo[2 * (k) + 1];                                      \
-        if (lx < 0) break;                                                                    \
+        if (geo[2 * (k)] < 0) break;                                                          \
         double d[4];                                                                          \
         for (int c_ = 0; c_ < 4; ++c_) {                                                      \
             int64_t i_ = where[4 * (k) + c_];                                                 \
             d[c_] = i_ >= 0 ? dots[i_] : zero_dot;                                            \
         }                                                                                     \
-        double a = attn[k], hx = 1.0 - lx, hy = 1.0 - ly;                                     \
-        double w0 = (1.0 - ly) * (1.0 - lx), w1 = (1.0 - ly) * lx;                            \
-        double w2 = ly * (1.0 - lx), w3 = ly * lx;                                            \
-        grad_attn[k] = (T)(w0 * d[0] + w1 * d[1] + w2 * d[2] + w3 * d[3]);                    \
-        grad_loc[2 * (k)] = (T)(lv->Wd[k] * a * (hy * (d[1] - d[0]) + ly * (d[3] - d[2])));   \
-        grad_loc[2 * (k) + 1] = (T)(lv->Hd[k] * a * (hx * (d[2] - d[0]) + lx * (d[3] - d[1]))); \
+        cyd_point_gradients_##SUF(geo[2 * (k)], geo[2 * (k) + 1], attn[k], lv->Wd[k], lv->Hd[k], \
+                                  d, grad_attn + (k), grad_loc + 2 * (k));                    \
     } while (0)
 
 #if CYD_GEOMETRY_LANES == 4
@@ -639,7 +650,7 @@ static inline void cyd_sparse_gradients_##SUF(                                  
     double zero_dot = any_out < 0 ? cyd_dot_##SUF(g, zeros, D) : 0;                           \
     ptrdiff_t k = 0;                                                                          \
     CYD_GRADIENTS_VECTOR(T, SUF)                                                              \
-    for (; k < n; ++k) CYD_GRADIENTS_ONE(T, k);                                               \
+    for (; k < n; ++k) CYD_GRADIENTS_ONE(SUF, k);                                               \
 }
 
 CYD_DEFINE_GRADIENTS(float, f)
