@@ -97,18 +97,24 @@ def test_on_a_local_cluster_of_two_worker_processes():
 
 
 def _gated_chunk(arr, gate_dir):
-    """Return ``arr``; on the first attempt, write this process's pid and block (bounded)."""
+    """Return ``arr``; on the first attempt, write this process's pid and block (bounded).
+
+    The gate is claimed atomically (O_EXCL): dask may fuse the gated call into more than
+    one task (the layer test's forward and backward graphs), and two of them can start at
+    once on the two workers; only one may block, or the other waits out its 60 s."""
     import os
     import pathlib
     import time
 
-    first = pathlib.Path(gate_dir, "first")
-    if not first.exists():
-        first.write_text(str(os.getpid()))
-        time.sleep(60)  # the test kills this process long before
-        raise RuntimeError("the test did not kill the worker")
-    pathlib.Path(gate_dir, "retry").write_text(str(os.getpid()))
-    return arr
+    try:
+        fd = os.open(pathlib.Path(gate_dir, "first"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pathlib.Path(gate_dir, "retry").write_text(str(os.getpid()))
+        return arr
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(60)  # the test kills this process long before
+    raise RuntimeError("the test did not kill the worker")
 
 
 def _kill_the_gated_worker(gate_dir):
