@@ -1133,9 +1133,8 @@ cdef inline void _sparse_gradients(const cyd_levels* lv, Py_ssize_t LP, Py_ssize
     their corners' dots (where[4k + c]: the dot's index in ``dots``, -1 for a corner
     outside the map, whose dot is g . 0 as with the dense backward's zero row), as
     the dense backward computes them (cyd_point_gradients; cyd_sparse_gradients,
-    src/msda_inner.h). First the
-    next row's dots (``next_where``, or NULL) are prefetched: they lie at random in
-    ``dots`` (cpu_log 48)."""
+    src/msda_inner.h). First the next row's dots (``next_where``, or NULL) are
+    prefetched: they lie at random in ``dots`` (cpu_log 48)."""
     cdef Py_ssize_t k
     if next_where != NULL:
         # Corners 0 and 2 only (1 and 3 are mostly their pair's second dot, on the same

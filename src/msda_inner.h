@@ -565,13 +565,6 @@ typedef float cyd_v4f __attribute__((vector_size(4 * sizeof(float))));
 #endif
 
 
-/* Phase 4 of the sparse backward for the n points of one row (_sparse_gradients in
- * src/_cpu_impl.pxi has the semantics): for each point k with geo[2k] >= 0 (in the map),
- * from its corners' dots (where[4k + c]: the index in ``dots``, or -1 for a corner
- * outside the map, whose dot is g . zeros), grad_attn[k] and grad_loc[2k : 2k + 2] as
- * cyd_point_gradients computes them; the other points are left alone. The same double
- * arithmetic in the same order one point at a time and four points a step (the AVX2 and
- * AVX-512 builds), so the same bits. */
 /* One in-map point's grad_attn[0] and grad_loc[0:2] from its four dots d[c] = g . V_c
  * (the formulas above _bilinear in src/_cpu_impl.pxi); the dense backward calls it too. */
 #define CYD_DEFINE_POINT_GRADIENTS(T, SUF)                                                    \
@@ -637,6 +630,13 @@ CYD_DEFINE_POINT_GRADIENTS(double, d)
 #define CYD_GRADIENTS_VECTOR(T, SUF)
 #endif
 
+/* Phase 4 of the sparse backward for the n points of one row (_sparse_gradients in
+ * src/_cpu_impl.pxi has the semantics): for each point k with geo[2k] >= 0 (in the map),
+ * from its corners' dots (where[4k + c]: the index in ``dots``, or -1 for a corner
+ * outside the map, whose dot is g . zeros), grad_attn[k] and grad_loc[2k : 2k + 2] as
+ * cyd_point_gradients computes them; the other points are left alone. The same double
+ * arithmetic in the same order one point at a time and four points a step (the AVX2 and
+ * AVX-512 builds), so the same bits. */
 #define CYD_DEFINE_GRADIENTS(T, SUF)                                                          \
 static inline void cyd_sparse_gradients_##SUF(                                                \
         const int64_t *restrict where, const double *restrict dots, const T *restrict g,      \
@@ -650,7 +650,7 @@ static inline void cyd_sparse_gradients_##SUF(                                  
     double zero_dot = any_out < 0 ? cyd_dot_##SUF(g, zeros, D) : 0;                           \
     ptrdiff_t k = 0;                                                                          \
     CYD_GRADIENTS_VECTOR(T, SUF)                                                              \
-    for (; k < n; ++k) CYD_GRADIENTS_ONE(SUF, k);                                               \
+    for (; k < n; ++k) CYD_GRADIENTS_ONE(SUF, k);                                             \
 }
 
 CYD_DEFINE_GRADIENTS(float, f)
