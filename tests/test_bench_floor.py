@@ -219,3 +219,27 @@ def test_targets_summary_without_reference_floor_or_second_thread():
 
     lines = check_targets([_row("decoder", "backward", 1), _row("decoder", "forward", 1)])
     assert len(lines) == 5 and all(line.endswith("not measured in this run") for line in lines)
+
+
+def test_shown_values_round_toward_the_failing_side():
+    from cydeform.bench.cpu import shown
+
+    # Higher is better (ratios to PyTorch, speed-ups): never rounded up to a threshold.
+    assert shown(9.996, 1) == "9.9" and shown(9.996, 2) == "9.99"
+    assert shown(1.7999, 2) == "1.79"
+    assert shown(10.0, 1) == "10.0" and shown(1.8, 2) == "1.80" and shown(1.15, 2) == "1.15"
+    # Lower is better (x floor): never rounded down to a threshold.
+    assert shown(2.004, 2, "lower") == "2.01"
+    assert shown(2.0, 2, "lower") == "2.00" and shown(1.1, 2, "lower") == "1.10"
+
+
+def test_targets_summary_never_prints_a_miss_as_the_threshold():
+    from cydeform.bench.cpu import check_targets
+
+    rows = [_row("decoder", "backward", 1, ratio=9.996, x_floor=2.004),
+            _row("decoder", "backward", 2, ratio=10.0, x_floor=2.0, speedup=1.7999, floor_speedup=1.8)]
+    decoder, floor_line, scaling = [line for line in check_targets(rows)
+                                    if line.startswith(("- decoder", "- within", "- 2 threads"))]
+    assert "1 of 2 rows (9.99-10.00; missed: uniform 1T 9.99)" in decoder
+    assert "1 of 2 rows (2.00-2.01; missed: decoder backward uniform 1T 2.01)" in floor_line
+    assert "0 of 1 rows (1.79-1.79; missed: decoder backward uniform 2T 1.79)" in scaling

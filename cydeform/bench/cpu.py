@@ -23,6 +23,7 @@ the rows that miss it (``check_targets``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -131,6 +132,18 @@ FLOOR_TARGET = 2.0  # each row within this multiple of its measured floor
 SCALING_TARGET = 1.8  # a 2-thread row, its speed-up over 1 thread
 
 
+def shown(value, digits, better="higher"):
+    """``value`` with ``digits`` decimals, rounded away from the side that is better: down
+    where higher is better (a ratio to PyTorch, a speed-up), up where lower is (× floor).
+    So a printed value meets a target's threshold exactly when the value does: a ratio of
+    9.996 prints as 9.99, not as 10.00 beside a count that calls it a miss."""
+    scaled = value * 10.0 ** digits
+    if abs(scaled - round(scaled)) <= 1e-9 * max(1.0, abs(scaled)):
+        scaled = round(scaled)  # 1.15 * 100 is 114.99999999999999: a decimal, not below it
+    rounded = (math.floor if better == "higher" else math.ceil)(scaled)
+    return f"{rounded / 10.0 ** digits:.{digits}f}"
+
+
 def check_targets(rows):
     """Lines saying, per target, how many of this run's rows meet it, with the values.
 
@@ -141,12 +154,13 @@ def check_targets(rows):
     """
     rows = [r for r in rows if r["dtype"] == "float32"]
 
-    def line(name, cells, ok):
+    def line(name, cells, ok, better="higher"):
         if not cells:
             return f"- {name}: not measured in this run"
         values = [v for _, v in cells]
-        missed = [f"{where} {v:.2f}" for where, v in cells if not ok(v)]
-        return (f"- {name}: {len(cells) - len(missed)} of {len(cells)} rows ({min(values):.2f}-{max(values):.2f}"
+        missed = [f"{where} {shown(v, 2, better)}" for where, v in cells if not ok(v)]
+        return (f"- {name}: {len(cells) - len(missed)} of {len(cells)} rows "
+                f"({shown(min(values), 2, better)}-{shown(max(values), 2, better)}"
                 + (f"; missed: {', '.join(missed)})" if missed else ")"))
 
     def label(r):
@@ -158,7 +172,7 @@ def check_targets(rows):
                  if r["call"] == call and r["pass"] == pas and r["ratio"] is not None]
         lines.append(line(f"{call} {pas} >= {least:g}x PyTorch", cells, lambda v, least=least: v >= least))
     cells = [(f"{r['call']} {r['pass']} {label(r)}", r["x_floor"]) for r in rows if r["x_floor"] is not None]
-    lines.append(line(f"within {FLOOR_TARGET:g}x of the floor", cells, lambda v: v <= FLOOR_TARGET))
+    lines.append(line(f"within {FLOOR_TARGET:g}x of the floor", cells, lambda v: v <= FLOOR_TARGET, "lower"))
     two = [r for r in rows if r["threads"] == 2]
     cells = [(f"{r['call']} {r['pass']} {label(r)}", r["speedup"]) for r in two if r["speedup"] is not None]
     lines.append(line(f"2 threads >= {SCALING_TARGET:g}x 1 thread", cells, lambda v: v >= SCALING_TARGET))
@@ -256,10 +270,11 @@ def run_cpu(args):
                         gbs = traffic_bytes(1, Lq_, dtype, bwd) / t / 1e9
                         extra = ""
                         if sp is not None:
-                            extra = f" ({sp:.2f}x 1 thread" + (f"; floor {sfl:.2f}x)" if sfl is not None else ")")
+                            extra = (f" ({shown(sp, 2)}x 1 thread"
+                                     + (f"; floor {shown(sfl, 2)}x)" if sfl is not None else ")"))
                         torch_ms = f"{tt * 1e3:.1f}" if tt else "-"
-                        ratio = f"{tt / t:.1f}x" if tt else "-"
-                        floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {x:.2f} | "
+                        ratio = f"{shown(tt / t, 1)}x" if tt else "-"
+                        floor_cols = "" if fl is None else f"{fl * 1e3:.2f} | {shown(x, 2, 'lower')} | "
                         print(f"| {call} | {dist} | {dtype} | {threads} | {name} | {t * 1e3:.2f}{extra} | {gbs:.1f} "
                               f"| {floor_cols}{torch_ms} | {ratio} |", flush=True)
                         results.append({"call": call, "locations": dist, "dtype": dtype, "threads": threads,
