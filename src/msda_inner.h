@@ -572,8 +572,7 @@ static inline void cyd_point_gradients_##SUF(double lx, double ly, double a, dou
                                              double H, const double *d, T *grad_attn,         \
                                              T *grad_loc) {                                   \
     double hx = 1.0 - lx, hy = 1.0 - ly;                                                      \
-    double w0 = (1.0 - ly) * (1.0 - lx), w1 = (1.0 - ly) * lx;                                \
-    double w2 = ly * (1.0 - lx), w3 = ly * lx;                                                \
+    double w0 = hy * hx, w1 = hy * lx, w2 = ly * hx, w3 = ly * lx;                            \
     grad_attn[0] = (T)(w0 * d[0] + w1 * d[1] + w2 * d[2] + w3 * d[3]);                        \
     grad_loc[0] = (T)(W * a * (hy * (d[1] - d[0]) + ly * (d[3] - d[2])));                     \
     grad_loc[1] = (T)(H * a * (hx * (d[2] - d[0]) + lx * (d[3] - d[1])));                     \
@@ -611,8 +610,7 @@ CYD_DEFINE_POINT_GRADIENTS(double, d)
         cyd_v4d a = __builtin_convertvector(CYD_LOAD(CYD_V4_##SUF, attn + k), cyd_v4d);       \
         cyd_v4d Wf = CYD_LOAD(cyd_v4d, lv->Wd + k), Hf = CYD_LOAD(cyd_v4d, lv->Hd + k);       \
         cyd_v4d hx = 1.0 - lx, hy = 1.0 - ly;                                                 \
-        cyd_v4d w0 = (1.0 - ly) * (1.0 - lx), w1 = (1.0 - ly) * lx;                            \
-        cyd_v4d w2 = ly * (1.0 - lx), w3 = ly * lx;                                           \
+        cyd_v4d w0 = hy * hx, w1 = hy * lx, w2 = ly * hx, w3 = ly * lx;                       \
         CYD_V4_##SUF ga = __builtin_convertvector(w0 * d0 + w1 * d1 + w2 * d2 + w3 * d3,      \
                                                   CYD_V4_##SUF);                              \
         CYD_V4_##SUF gx = __builtin_convertvector(Wf * a * (hy * (d1 - d0) + ly * (d3 - d2)), \
