@@ -20,6 +20,13 @@ With ``--isa`` it compares two instruction-set builds of the tree it runs from (
 ``--isa avx2 avx512``) by pointing ``cydeform._cpu._impl`` at one build, then the other:
 a Cython module cannot be imported a second time into one process, so the tree is
 loaded once and both builds share its staging buffers.
+
+    python benchmarks/ab_cpu.py --block-prefetch [REPEAT]
+
+compares, in the tree it runs from, the sparse (decoder) backward without (base) and with
+(new) phase 3's prefetch of the next block's value rows, the choice cydeform makes by CPU
+vendor (``sparse_block_prefetch_default``: off on Intel, on elsewhere; benchmarks/cpu_log.md
+100); a ratio above 1 means the prefetch pays on this machine. Decoder backward rows only.
 """
 import importlib
 import statistics
@@ -76,6 +83,44 @@ def load_isas(base_isa, new_isa):
             WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{new_isa}")), problems)
 
 
+class WithBlockPrefetch:
+    """``cydeform._cpu`` whose sparse backward runs with phase 3's block prefetch ``on``."""
+
+    def __init__(self, cpu, on):
+        self._cpu, self._on = cpu, on
+        self._impl = cpu._impl
+
+    def set_num_threads(self, n):
+        self._cpu.set_num_threads(n)
+
+    def backward(self, grad, value, shapes, starts, loc, attn):
+        return self._impl.backward(grad, value, shapes, starts, loc, attn, method="sparse",
+                                   block_prefetch=self._on)
+
+
+def main_block_prefetch(repeat=7):
+    from cydeform import _cpu
+    from cydeform.bench import problems
+    print(f"# {_cpu._impl.__file__}; this machine's default: block_prefetch="
+          f"{_cpu._impl.sparse_block_prefetch_default()}\n# base: without the prefetch, new: with it")
+    base, new = WithBlockPrefetch(_cpu, False), WithBlockPrefetch(_cpu, True)
+    for dist in ("uniform", "local"):
+        value, shapes, starts, loc, attn = problems.make_problem(1, 300, dist, np.dtype("float32"))
+        M, D = value.shape[2:]
+        grad = np.random.default_rng(1).standard_normal((1, loc.shape[1], M * D)).astype("float32")
+        for threads in (1, 2):
+            times = {"base": [], "new": []}
+            for rnd in range(repeat + 1):
+                for name, lib in (("base", base), ("new", new)):
+                    lib.set_num_threads(threads)
+                    t = time.perf_counter()
+                    lib.backward(grad, value, shapes, starts, loc, attn)
+                    if rnd:
+                        times[name].append((time.perf_counter() - t) * 1e3)
+            b, n = statistics.median(times["base"]), statistics.median(times["new"])
+            print(f"decoder {dist} {threads}T backward base {b:8.2f}  new {n:8.2f}  ratio {b / n:5.2f}", flush=True)
+
+
 def main(base_tree, new_tree, repeat=7, isas=False):
     if isas:
         base, new, problems = load_isas(base_tree, new_tree)
@@ -109,6 +154,11 @@ def main(base_tree, new_tree, repeat=7, isas=False):
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    if argv[:1] == ["--block-prefetch"]:
+        if len(argv) > 2:
+            sys.exit(__doc__)
+        main_block_prefetch(int(argv[1]) if len(argv) == 2 else 7)
+        sys.exit(0)
     isas = argv[:1] == ["--isa"]
     argv = argv[1:] if isas else argv
     if len(argv) not in (2, 3):
