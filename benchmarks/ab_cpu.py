@@ -103,22 +103,8 @@ def main_block_prefetch(repeat=7):
     from cydeform.bench import problems
     print(f"# {_cpu._impl.__file__}; this machine's default: block_prefetch="
           f"{_cpu._impl.sparse_block_prefetch_default()}\n# base: without the prefetch, new: with it")
-    base, new = WithBlockPrefetch(_cpu, False), WithBlockPrefetch(_cpu, True)
-    for dist in ("uniform", "local"):
-        value, shapes, starts, loc, attn = problems.make_problem(1, 300, dist, np.dtype("float32"))
-        M, D = value.shape[2:]
-        grad = np.random.default_rng(1).standard_normal((1, loc.shape[1], M * D)).astype("float32")
-        for threads in (1, 2):
-            times = {"base": [], "new": []}
-            for rnd in range(repeat + 1):
-                for name, lib in (("base", base), ("new", new)):
-                    lib.set_num_threads(threads)
-                    t = time.perf_counter()
-                    lib.backward(grad, value, shapes, starts, loc, attn)
-                    if rnd:
-                        times[name].append((time.perf_counter() - t) * 1e3)
-            b, n = statistics.median(times["base"]), statistics.median(times["new"])
-            print(f"decoder {dist} {threads}T backward base {b:8.2f}  new {n:8.2f}  ratio {b / n:5.2f}", flush=True)
+    interleave(WithBlockPrefetch(_cpu, False), WithBlockPrefetch(_cpu, True), problems, repeat,
+               calls=(300,), passes=("backward",))
 
 
 def main(base_tree, new_tree, repeat=7, isas=False):
@@ -128,13 +114,20 @@ def main(base_tree, new_tree, repeat=7, isas=False):
         base, problems = load(base_tree)
         new, _ = load(new_tree)
     print(f"# base {base._impl.__file__}\n# new  {new._impl.__file__}")
-    for Lq in (None, 300):
+    interleave(base, new, problems, repeat)
+
+
+def interleave(base, new, problems, repeat, calls=(None, 300), passes=("forward", "backward")):
+    """For each benchmark problem (``calls``: Lq, None for the encoder call), location
+    distribution, thread count and pass: ``base`` and ``new`` called alternately, the
+    medians of ``repeat`` rounds after a warm-up round printed with their ratio."""
+    for Lq in calls:
         for dist in ("uniform", "local"):
             value, shapes, starts, loc, attn = problems.make_problem(1, Lq, dist, np.dtype("float32"))
             M, D = value.shape[2:]
             grad = np.random.default_rng(1).standard_normal((1, loc.shape[1], M * D)).astype("float32")
             for threads in (1, 2):
-                for pas in ("forward", "backward"):
+                for pas in passes:
                     times = {"base": [], "new": []}
                     for rnd in range(repeat + 1):
                         for name, lib in (("base", base), ("new", new)):

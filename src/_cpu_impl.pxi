@@ -900,7 +900,7 @@ cdef inline void _backward_head_rows(const floating* value_m, floating* grad_val
         # the L1 they competed with the corner rows' prefetches (cpu_log 53, 82). Its
         # output rows too, read into the L2: a line no other core holds arrives there
         # exclusive, so _rows_out's stores then find it without a read for ownership
-        # from memory (1.04-1.09x at 1 thread, cpu_log 126).
+        # from memory (the encoder backward 1.08-1.10x at 1 thread, cpu_log 126).
         nb1 = min(_QUERY_BLOCK, count - (jb + 1) * _QUERY_BLOCK)
         r1 = r + _QUERY_BLOCK * M
         for j in range(nb):
