@@ -14,7 +14,7 @@
 #      processor other than x86-64 setup.py builds only 'baseline');
 #   4. `arch_bits.py save` here (every build, 1-3 threads), then `arch_bits.py check`
 #      under qemu-aarch64 with the aarch64 build on the same inputs. Exits 1 on a difference;
-#   5. with ARM_TESTS=1, the CPU backend's test files under emulation too (~25 minutes).
+#   5. with ARM_TESTS=1, the CPU backend's test files under emulation too (~35 minutes).
 # Emulated times say nothing about speed on a real aarch64 processor.
 # PYTHON (default: python) runs the x86-64 side; CASES (default: all) keeps the cases whose
 # name contains it (arch_bits.py --cases; under qemu each encoder case takes ~4 minutes,
@@ -29,12 +29,12 @@ T=aarch64-linux-gnu
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq gcc-$T qemu-user-static mmdebstrap >/dev/null
+apt-get install -y -qq gcc-$T g++-$T qemu-user-static mmdebstrap >/dev/null
 
 if [ ! -x "$R/usr/bin/python3" ]; then
     rm -rf "$R" && mkdir -p "$W"
     mmdebstrap --arch=arm64 --variant=extract \
-        --include=libc6,libgomp1,python3,python3-dev,libpython3-dev,python3-numpy,python3-numpy-dev,python3-scipy,python3-pytest,python3-hypothesis trixie "$R"
+        --include=libc6,libgomp1,libstdc++6,python3,python3-dev,libpython3-dev,python3-numpy,python3-numpy-dev,python3-scipy,python3-pytest,python3-hypothesis trixie "$R"
     # What usrmerge and update-alternatives would have set up.
     for d in lib bin sbin; do [ -e "$R/$d" ] || ln -s "usr/$d" "$R/$d"; done
     for lib in blas/libblas.so.3 lapack/liblapack.so.3; do
@@ -64,13 +64,17 @@ echo "built $W/pkg/cydeform/_cpu_baseline$SUFFIX ($($T-gcc --version | head -1))
 # in a subprocess start it under qemu too.
 printf '#!/bin/sh\nexec qemu-aarch64-static -L "%s" -0 "%s" "%s" "$@"\n' "$R" "$W/python3" "$R/usr/bin/python3" > "$W/python3"
 chmod +x "$W/python3"
+# The tests' CUDA host harness compiles the kernels as C++ with $CXX and loads them into
+# that Python: an aarch64 C++ compiler against the same tree.
+printf '#!/bin/sh\nexec %s-g++ --sysroot="%s" -B"%s" "$@"\n' "$T" "$R" "$R/usr/lib/$T" > "$W/cxx"
+chmod +x "$W/cxx"
 
 "$PY" benchmarks/arch_bits.py save "$W/ref" --cases "${CASES:-}"
 PYTHONPATH="$W/pkg" "$W/python3" benchmarks/arch_bits.py check "$W/ref" --threads 1,2,3 --cases "${CASES:-}"
 if [ "${ARM_TESTS:-0}" = 1 ]; then
     # The tests import cydeform from the aarch64 package (-P: not from this tree, whose
     # builds are x86-64), tests/ itself from this tree.
-    PYTHONPATH="$W/pkg" "$W/python3" -P -m pytest -q -p no:cacheprovider tests/test_cpu.py tests/test_conformance.py \
+    CXX="$W/cxx" PYTHONPATH="$W/pkg" "$W/python3" -P -m pytest -q -p no:cacheprovider tests/test_cpu.py tests/test_conformance.py \
         tests/test_edge_gaps.py tests/test_errors.py tests/test_nn.py tests/test_reference.py \
         tests/test_testing_kit.py tests/test_staging.py tests/test_examples.py
 fi
