@@ -99,7 +99,8 @@ def main():
     from cydeform import _cpu
 
     print(f"{platform.machine()}; builds: {', '.join(_cpu.available_isas())}; threads {args.threads}", flush=True)
-    os.makedirs(args.dir, exist_ok=True)
+    if args.mode == "save":
+        os.makedirs(args.dir, exist_ok=True)
     bad = 0
     for name, dtype, Lq, dist, stretch in cases():
         if args.cases not in name:
@@ -108,6 +109,8 @@ def main():
         if args.mode == "save":
             inputs = make_inputs(dtype, Lq, dist, stretch)
         else:
+            if not os.path.exists(path):
+                sys.exit(f"{path} missing: run `arch_bits.py save {args.dir}` (with the same --cases) first")
             with np.load(path) as f:
                 inputs = {k: f[k] for k in ("value", "shapes", "starts", "loc", "attn", "grad")}
                 saved = tuple(f[k] for k in NAMES)
