@@ -72,9 +72,12 @@ chmod +x "$W/cxx"
 "$PY" benchmarks/arch_bits.py save "$W/ref" --cases "${CASES:-}"
 PYTHONPATH="$W/pkg" "$W/python3" benchmarks/arch_bits.py check "$W/ref" --threads 1,2,3 --cases "${CASES:-}"
 if [ "${ARM_TESTS:-0}" = 1 ]; then
-    # The tests import cydeform from the aarch64 package (-P: not from this tree, whose
-    # builds are x86-64), tests/ itself from this tree.
-    CXX="$W/cxx" PYTHONPATH="$W/pkg" "$W/python3" -P -m pytest -q -p no:cacheprovider tests/test_cpu.py tests/test_conformance.py \
-        tests/test_edge_gaps.py tests/test_errors.py tests/test_nn.py tests/test_reference.py \
-        tests/test_testing_kit.py tests/test_staging.py tests/test_examples.py
+    # Run from $W: the tests, and the `python -c` subprocesses some of them start (the
+    # working folder first on sys.path), must import cydeform from the aarch64 package,
+    # not from this tree, whose builds are x86-64.
+    REPO=$PWD
+    (cd "$W" && CXX="$W/cxx" PYTHONPATH="$W/pkg" "$W/python3" -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+        "$REPO"/tests/test_cpu.py "$REPO"/tests/test_conformance.py "$REPO"/tests/test_edge_gaps.py \
+        "$REPO"/tests/test_errors.py "$REPO"/tests/test_nn.py "$REPO"/tests/test_reference.py \
+        "$REPO"/tests/test_testing_kit.py "$REPO"/tests/test_staging.py "$REPO"/tests/test_examples.py)
 fi
