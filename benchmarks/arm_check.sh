@@ -14,10 +14,10 @@
 #      processor other than x86-64 setup.py builds only 'baseline');
 #   4. `arch_bits.py save` here (every build, 1-3 threads), then `arch_bits.py check`
 #      under qemu-aarch64 with the aarch64 build on the same inputs. Exits 1 on a difference;
-#   5. with ARM_TESTS=1, the CPU backend's test files under emulation too (~35 minutes).
+#   5. with ARM_TESTS=1, the CPU backend's test files under emulation too (~30 minutes).
 # Emulated times say nothing about speed on a real aarch64 processor.
 # PYTHON (default: python) runs the x86-64 side; CASES (default: all) keeps the cases whose
-# name contains it (arch_bits.py --cases; under qemu each encoder case takes ~4 minutes,
+# name contains it (arch_bits.py --cases; under qemu each encoder case took ~50 s here,
 # the eight decoder cases ~1.5 minutes together).
 set -euo pipefail
 W=${1:-/tmp/cydeform-arm}
