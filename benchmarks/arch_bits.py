@@ -3,7 +3,7 @@
     python benchmarks/arch_bits.py save DIR     # on one machine: inputs and results to DIR
     python benchmarks/arch_bits.py check DIR    # on another: the same inputs, compared bit for bit
 
-``save`` makes the benchmark's problems (those of isa_bits.py: float32 and float64, N=1,
+``save`` makes the benchmark's problems (isa_bits.py's: float32 and float64, N=1,
 encoder and decoder call, uniform and local locations, plain and stretched past the
 borders), runs the forward and backward with every build of this machine at 1, 2 and 3
 threads, exits 1 if those differ among themselves, and writes each case's inputs and
@@ -27,46 +27,9 @@ import sys
 
 import numpy as np
 
+from isa_bits import cases, make_inputs, results  # benchmarks/, this script's own folder
+
 NAMES = ("out", "grad_value", "grad_loc", "grad_attn")
-
-
-def cases():
-    """(name, dtype, Lq, distribution, stretch) of isa_bits.py's problems."""
-    for dtype in ("float32", "float64"):
-        for Lq in (None, 300):
-            for dist in ("uniform", "local"):
-                for stretch in (1.0, 1.3):
-                    call = "encoder" if Lq is None else "decoder"
-                    yield f"{dtype}-{call}-{dist}-stretch{stretch}", np.dtype(dtype), Lq, dist, stretch
-
-
-def make_inputs(dtype, Lq, dist, stretch):
-    from cydeform.bench import problems
-
-    value, shapes, starts, loc, attn = problems.make_problem(1, Lq, dist, dtype)
-    # Stretched about the centre: ~1/4 of the points have corners outside the map.
-    loc = np.ascontiguousarray((0.5 + (loc - 0.5) * stretch).astype(dtype))
-    M, D = value.shape[2:]
-    grad = np.random.default_rng(1).standard_normal((1, loc.shape[1], M * D)).astype(dtype)
-    return dict(value=value, shapes=shapes, starts=starts, loc=loc, attn=attn, grad=grad)
-
-
-def run(inputs, threads):
-    """{(isa, threads): (out, grad_value, grad_loc, grad_attn)} for every build of this machine."""
-    import importlib
-
-    from ab_cpu import WithImpl  # benchmarks/, this script's own folder
-    from cydeform import _cpu
-
-    x = inputs
-    got = {}
-    for isa in _cpu.available_isas():
-        lib = WithImpl(_cpu, importlib.import_module(f"cydeform._cpu_{isa}"))
-        for t in threads:
-            lib.set_num_threads(t)
-            got[isa, t] = (lib.forward(x["value"], x["shapes"], x["starts"], x["loc"], x["attn"]),
-                           *lib.backward(x["grad"], x["value"], x["shapes"], x["starts"], x["loc"], x["attn"]))
-    return got
 
 
 def ulps(a, b):
@@ -114,24 +77,23 @@ def main():
             with np.load(path) as f:
                 inputs = {k: f[k] for k in ("value", "shapes", "starts", "loc", "attn", "grad")}
                 saved = tuple(f[k] for k in NAMES)
-        got = run(inputs, threads)
-        first = next(iter(got))
-        differ = [key for key, r in got.items() if digest(r) != digest(got[first])]
+        got = results(inputs, threads)
+        digests = {key: digest(r) for key, r in got.items()}
+        # save: every build and thread count against the first; check: against the saved results.
+        want = digest(saved) if args.mode == "check" else next(iter(digests.values()))
+        differ = [key for key, d in digests.items() if d != want]
         if args.mode == "save":
-            np.savez(path, **inputs, **dict(zip(NAMES, got[first])))
+            np.savez(path, **inputs, **dict(zip(NAMES, next(iter(got.values())))))
             line = f"DIFFER among builds / threads: {differ}" if differ else f"{len(got)} results bit-identical"
+        elif differ:
+            worst = {n: ulps(a, b) for n, a, b in zip(NAMES, got[differ[0]], saved)}
+            line = f"DIFFER from the saved results: {differ}; {differ[0]} ulps {worst}"
         else:
-            differ += [key for key, r in got.items() if digest(r) != digest(saved) and key not in differ]
-            if differ:
-                worst = {n: ulps(a, b) for n, a, b in zip(NAMES, got[differ[0]], saved)}
-                line = f"DIFFER from the saved results: {differ}; {differ[0]} ulps {worst}"
-            else:
-                line = f"{len(got)} results bit-identical to the saved ones ({digest(saved)})"
+            line = f"{len(got)} results bit-identical to the saved ones ({want})"
         print(f"{name}: {line}", flush=True)
         bad += bool(differ)
     sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()
